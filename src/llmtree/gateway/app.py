@@ -1,0 +1,112 @@
+"""The HTTP gateway: ``create_app(settings)`` builds the FastAPI app with its dependencies.
+
+Routes: the OpenAI surface (``chat.py``), health (``/healthz``, ``/readyz``), the directory
+(``/api/nodes``) and the web page at ``/``. Every error leaves in the OpenAI error shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmtree.config import Settings
+from llmtree.errors import LlmTreeError, Overloaded
+from llmtree.gateway.chat import ChatContext, make_router
+from llmtree.gateway.root_client import RootClient
+from llmtree.gateway.sink import SinkServer
+
+logger = logging.getLogger(__name__)
+
+
+def web_dir() -> Path:
+    """The web UI files: shipped in the wheel as ``llmtree/_web``, else the repo's ``web/``."""
+    packaged = Path(__file__).resolve().parents[1] / "_web"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[3] / "web"
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(settings: Settings, root: RootClient | None = None) -> FastAPI:
+    root_client = root or RootClient(settings)
+    sink_server = SinkServer(settings.sink_host)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 200
+        sink_uri = await anyio.to_thread.run_sync(sink_server.start)
+        ctx = ChatContext(
+            root=root_client,
+            sink=sink_server.sink,
+            sink_uri=sink_uri,
+            default_model=settings.model,
+            idle_timeout_s=settings.request_timeout_s,
+            max_body_bytes=settings.max_body_bytes,
+        )
+        app.include_router(make_router(ctx))
+        logger.info("gateway ready; event sink at %s", sink_uri)
+        try:
+            yield
+        finally:
+            sink_server.stop()
+            root_client.close()
+
+    app = FastAPI(title="llmtree", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(LlmTreeError)
+    async def on_llmtree_error(request: Request, error: LlmTreeError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if isinstance(error, Overloaded) else None
+        return JSONResponse(error.to_openai(), status_code=error.http_status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return _error(error.status_code, str(error.detail), kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(
+            400, str(error.errors()[0].get("msg", "invalid request")), "invalid_request_error"
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    async def readyz() -> dict[str, Any] | JSONResponse:
+        try:
+            status = await anyio.to_thread.run_sync(root_client.status)
+        except LlmTreeError as error:
+            return _error(503, f"root not reachable: {error.message}", "service_unavailable")
+        if not status.get("children"):
+            return _error(503, "the root has no serving nodes yet", "service_unavailable")
+        return {"status": "ready", "root": status["name"], "children": status["children"]}
+
+    @app.get("/api/nodes")
+    async def api_nodes() -> dict[str, Any]:
+        nodes = await anyio.to_thread.run_sync(root_client.list_nodes)
+        return {"nodes": [n.to_dict() for n in nodes]}
+
+    @app.get("/api/nodes/{name}")
+    async def api_node(name: str) -> dict[str, Any]:
+        record = await anyio.to_thread.run_sync(root_client.lookup, name)
+        result: dict[str, Any] = record.to_dict()
+        return result
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(web_dir() / "index.html", media_type="text/html")
+
+    return app

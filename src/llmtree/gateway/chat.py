@@ -1,0 +1,183 @@
+"""``POST /v1/chat/completions`` and ``GET /v1/models``: the OpenAI-compatible surface.
+
+Lifecycle: validate -> open a sink stream -> ``root.submit`` (in a thread) -> read the stream's
+ordered events -> SSE chunks or one JSON answer. A client that goes away cancels the request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llmtree.errors import EngineError, LlmTreeError, NotFound
+from llmtree.gateway.body import read_json
+from llmtree.gateway.root_client import RootClient
+from llmtree.gateway.schemas import parse_chat_request
+from llmtree.gateway.sink import EventSink, RequestStream
+from llmtree.protocol import GenerateRequest, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass(slots=True)
+class ChatContext:
+    """What the chat routes need, built once by ``create_app``."""
+
+    root: RootClient
+    sink: EventSink
+    sink_uri: str
+    default_model: str
+    idle_timeout_s: float
+    max_body_bytes: int
+
+
+def _finish(reason: str) -> str:
+    return "stop" if reason == "cancelled" else reason
+
+
+def make_router(ctx: ChatContext) -> APIRouter:
+    router = APIRouter()
+
+    async def known_models() -> list[str]:
+        try:
+            nodes = await anyio.to_thread.run_sync(ctx.root.list_nodes)
+        except LlmTreeError:
+            return [ctx.default_model]
+        names = sorted({n.model for n in nodes if n.model})
+        return names or [ctx.default_model]
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "llmtree"}
+                for name in await known_models()
+            ],
+        }
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+        chat = parse_chat_request(await read_json(request, ctx.max_body_bytes))
+        sampling = SamplingParams.from_wire(chat.sampling_wire(DEFAULT_MAX_TOKENS))
+        models = await known_models()
+        if chat.model and chat.model not in models and chat.model != ctx.default_model:
+            raise NotFound(f"model {chat.model!r} does not exist; try one of {models}", "model")
+        model = chat.model or models[0]
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        generate = GenerateRequest(
+            request_id=request_id,
+            messages=[m.as_wire() for m in chat.messages],
+            sampling=sampling,
+            sink=ctx.sink_uri,
+        )
+        stream = ctx.sink.open(request_id)
+        try:
+            await anyio.to_thread.run_sync(ctx.root.submit, generate.to_wire())
+        except BaseException:
+            ctx.sink.close(request_id)
+            raise
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(ctx, stream, model, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return JSONResponse(await _collect(ctx, stream, model))
+
+    return router
+
+
+async def _cancel(ctx: ChatContext, request_id: str) -> None:
+    try:
+        await anyio.to_thread.run_sync(ctx.root.cancel, request_id)
+    except LlmTreeError as error:
+        logger.warning("cancel %s failed: %s", request_id, error)
+
+
+async def _collect(ctx: ChatContext, stream: RequestStream, model: str) -> dict[str, Any]:
+    parts: list[str] = []
+    final: dict[str, Any] = {}
+    try:
+        async for event in stream.events(ctx.idle_timeout_s):
+            parts.append(event["text"])
+            final = event
+    finally:
+        ctx.sink.close(stream.request_id)
+        if not stream.finished:
+            await _cancel(ctx, stream.request_id)
+    if final.get("finish_reason") == "error":
+        raise EngineError(f"generation failed: {final.get('error') or 'unknown error'}")
+    return {
+        "id": stream.request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts)},
+                "finish_reason": _finish(final.get("finish_reason") or "stop"),
+            }
+        ],
+        "usage": final.get("usage") or {},
+        "node": final.get("node"),
+    }
+
+
+async def _sse(
+    ctx: ChatContext, stream: RequestStream, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> str:
+        body = {
+            "id": stream.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""}, None)
+        async for event in stream.events(ctx.idle_timeout_s):
+            reason = event.get("finish_reason")
+            if reason == "error":
+                error = EngineError(f"generation failed: {event.get('error') or 'unknown'}")
+                yield f"data: {json.dumps(error.to_openai())}\n\n"
+                break
+            if event["text"] or reason is None:
+                yield chunk({"content": event["text"]}, None)
+            if reason is not None:
+                yield chunk({}, _finish(reason))
+                if include_usage and event.get("usage"):
+                    body = {
+                        "id": stream.request_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": event["usage"],
+                    }
+                    yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        ctx.sink.close(stream.request_id)
+        if not stream.finished:
+            with anyio.CancelScope(shield=True):
+                await _cancel(ctx, stream.request_id)

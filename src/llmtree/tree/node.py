@@ -1,0 +1,381 @@
+"""TreeNode: the Pyro5 object every node process exposes.
+
+One shared instance per process (``instance_mode="single"``), called concurrently from Pyro5's
+worker threads, so all state sits behind one lock and no lock is held across a network call.
+
+Roles: the root only forwards, keeps the in-flight table ``request_id -> (sink, serving node)``
+and passes the events the serving nodes deliver to the gateway's sink. A worker serves with its
+engine while it has a free slot, else forwards round robin to its children, else queues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import Pyro5.api
+
+from llmtree.config import Settings
+from llmtree.errors import InvalidRequest, NodeUnavailable, Overloaded, UnknownNode
+from llmtree.protocol import GenerateRequest, is_valid_event
+from llmtree.tree.client import Peers
+from llmtree.tree.outbox import Outbox
+from llmtree.tree.routing import Snapshot, plan
+
+logger = logging.getLogger(__name__)
+
+MAX_EVENTS_PER_CALL = 10_000
+
+
+class EngineLike(Protocol):
+    """What a node needs from its engine (``llmtree.engine.engine.Engine``)."""
+
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def slots(self) -> int: ...
+    @property
+    def model_name(self) -> str: ...
+    def submit(self, request: GenerateRequest) -> int: ...
+    def cancel(self, request_id: str) -> bool: ...
+
+
+class Directory(Protocol):
+    """What a node needs from the registry: look names up."""
+
+    def lookup(self, name: str) -> Any: ...
+    def children(self, name: str) -> list[Any]: ...
+
+
+@dataclass(slots=True)
+class Flight:
+    """The root's record of one request in flight."""
+
+    sink: str
+    node: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    last_event: float = field(default_factory=time.monotonic)
+
+
+@Pyro5.api.behavior(instance_mode="single")
+class TreeNode:
+    """A node of the tree; see the module docstring for the rule it applies.
+
+    Only the methods marked ``@expose`` are reachable over Pyro5: submit, deliver, cancel,
+    attach_child, detach_child, set_parent, status, ping. The rest is for the owning process.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        directory: Directory,
+        engine: EngineLike | None = None,
+        parent: str | None = None,
+        on_parent_changed: Callable[[str], None] | None = None,
+    ) -> None:
+        self._name = name
+        self._settings = settings
+        self._directory = directory
+        self._engine = engine
+        self._parent = parent
+        self._on_parent_changed = on_parent_changed
+        self._peers = Peers(settings.call_timeout_s)
+        self._lock = threading.Lock()
+        self._children: list[str] = []
+        self._uris: dict[str, str] = {}
+        self._next_child = 0
+        self._reserved = 0
+        self._served = 0
+        self._serving: dict[str, str] = {}
+        self._flights: dict[str, Flight] = {}
+        self._started = time.monotonic()
+        self.uri = ""
+        self._outbox = Outbox(self._deliver_to_root, name=f"{name}-outbox")
+        self._outbox.start()
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def is_root(self) -> bool:
+        return self._engine is None
+
+    @property
+    def parent(self) -> str | None:
+        return self._parent
+
+    # -- the request path -------------------------------------------------------------------
+    @Pyro5.api.expose
+    def submit(self, request: dict[str, Any]) -> str:
+        """Place a request in this subtree; returns the serving node's name.
+
+        Called by the gateway (on the root) or by the parent node. Raises ``Overloaded`` when
+        nothing below can take it, ``InvalidRequest`` for a malformed request.
+        """
+        req = GenerateRequest.from_wire(request)
+        if not self.is_root:
+            if self._name in req.path:
+                raise InvalidRequest(f"routing loop through {self._name}: {req.path}")
+            req.path.append(self._name)
+            return self._place(req)
+        if not req.sink:
+            raise InvalidRequest("request has no sink to deliver events to", param="sink")
+        req.root, req.path = self.uri, [self._name]
+        with self._lock:
+            if req.request_id in self._flights:
+                raise InvalidRequest(f"request_id {req.request_id!r} is already in flight")
+            self._flights[req.request_id] = Flight(sink=req.sink)
+        try:
+            node = self._place(req)
+        except BaseException:
+            with self._lock:
+                self._flights.pop(req.request_id, None)
+            raise
+        with self._lock:
+            if (flight := self._flights.get(req.request_id)) is not None:
+                flight.node = node
+        logger.info("request %s placed on %s", req.request_id, node)
+        return node
+
+    def _place(self, req: GenerateRequest) -> str:
+        with self._lock:
+            engine = self._engine
+            snapshot = Snapshot(
+                is_root=engine is None,
+                num_running=engine.num_running if engine else 0,
+                num_waiting=(engine.num_waiting if engine else 0) + self._reserved,
+                slots=engine.slots if engine else 0,
+                max_queue=self._settings.max_queue,
+                children=tuple(self._children),
+                next_child=self._next_child,
+            )
+            decision = plan(snapshot)
+            if decision.serve:
+                self._reserved += 1
+            elif decision.forward_to:
+                self._next_child = (self._next_child + 1) % len(decision.forward_to)
+        if decision.serve:
+            return self._serve(req, reserved=True)
+        for child in decision.forward_to:
+            uri = self._uri_of(child)
+            if uri is None:
+                continue
+            try:
+                served_by: str = self._peers.call(uri, "submit", req.to_wire())
+                return served_by
+            except Overloaded:
+                continue
+            except NodeUnavailable as error:
+                logger.warning("child %s unavailable, dropping it: %s", child, error)
+                self.detach_child(child)
+        if decision.queue:
+            return self._serve(req, reserved=False)
+        where = "its children" if self.is_root else f"{self._name} and its children"
+        raise Overloaded(f"no capacity left in {where}; retry later")
+
+    def _serve(self, req: GenerateRequest, reserved: bool) -> str:
+        assert self._engine is not None
+        with self._lock:
+            self._serving[req.request_id] = req.root
+        try:
+            self._engine.submit(req)
+        except BaseException:
+            with self._lock:
+                self._serving.pop(req.request_id, None)
+            raise
+        finally:
+            if reserved:
+                with self._lock:
+                    self._reserved -= 1
+        return self._name
+
+    def on_engine_events(self, events: list[dict[str, Any]]) -> None:
+        """Engine callback, once per step on the engine thread: route events to their roots."""
+        by_root: dict[str, list[dict[str, Any]]] = {}
+        with self._lock:
+            for event in events:
+                rid = event["request_id"]
+                root = self._serving.get(rid)
+                if root is None:
+                    continue
+                if event.get("finish_reason") is not None:
+                    del self._serving[rid]
+                    self._served += 1
+                by_root.setdefault(root, []).append(event)
+        for root, batch in by_root.items():
+            self._outbox.put(root, batch)
+
+    def _deliver_to_root(self, root: str, events: list[dict[str, Any]]) -> None:
+        self._peers.call(root, "deliver", events)
+
+    @Pyro5.api.expose
+    def deliver(self, events: list[dict[str, Any]]) -> int:
+        """Root only: events from a serving node, passed on to the sinks; returns how many."""
+        if not self.is_root:
+            raise InvalidRequest(f"{self._name} is not a root; deliver events to the root")
+        if not isinstance(events, list):
+            raise InvalidRequest("events must be a list", param="events")
+        by_sink: dict[str, list[dict[str, Any]]] = {}
+        now = time.monotonic()
+        with self._lock:
+            for event in events[:MAX_EVENTS_PER_CALL]:
+                if not is_valid_event(event):
+                    continue
+                flight = self._flights.get(event["request_id"])
+                if flight is None:
+                    continue
+                flight.last_event = now
+                if event["finish_reason"] is not None:
+                    del self._flights[event["request_id"]]
+                by_sink.setdefault(flight.sink, []).append(event)
+        for sink, batch in by_sink.items():
+            try:
+                self._peers.call(sink, "deliver", batch)
+            except NodeUnavailable as error:
+                logger.warning("sink %s unavailable, cancelling its requests: %s", sink, error)
+                self._cancel_async({e["request_id"] for e in batch if not e["finish_reason"]})
+        return sum(len(batch) for batch in by_sink.values())
+
+    @Pyro5.api.expose
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request: the root finds the serving node; that node frees the slot at once."""
+        if not isinstance(request_id, str):
+            raise InvalidRequest("request_id must be a string", param="request_id")
+        if not self.is_root:
+            assert self._engine is not None
+            return self._engine.cancel(request_id)
+        with self._lock:
+            flight = self._flights.get(request_id)
+        if flight is None or flight.node is None:
+            return False
+        uri = self._uri_of(flight.node)
+        if uri is None:
+            return False
+        try:
+            return bool(self._peers.call(uri, "cancel", request_id))
+        except NodeUnavailable as error:
+            logger.warning(
+                "cancel %s: serving node %s unavailable: %s", request_id, flight.node, error
+            )
+            return False
+
+    def _cancel_async(self, request_ids: set[str]) -> None:
+        def run() -> None:
+            for rid in request_ids:
+                self.cancel(rid)
+            with self._lock:
+                for rid in request_ids:
+                    self._flights.pop(rid, None)
+            self._peers.close()
+
+        if request_ids:
+            threading.Thread(target=run, name="cancel", daemon=True).start()
+
+    # -- the tree's shape -------------------------------------------------------------------
+    def _uri_of(self, name: str) -> str | None:
+        with self._lock:
+            uri = self._uris.get(name)
+        if uri is not None:
+            return uri
+        try:
+            uri = str(self._directory.lookup(name).uri)
+        except UnknownNode:
+            return None
+        with self._lock:
+            self._uris[name] = uri
+        return uri
+
+    @Pyro5.api.expose
+    def attach_child(self, name: str) -> dict[str, Any]:
+        """Called by a node that names this one as its parent; it must be in the directory."""
+        if not isinstance(name, str) or name == self._name:
+            raise InvalidRequest("a node cannot be its own child", param="name")
+        record = self._directory.lookup(name)
+        with self._lock:
+            self._uris[name] = str(record.uri)
+            if name not in self._children:
+                self._children = sorted([*self._children, name])
+                logger.info("child %s attached (%s)", name, record.uri)
+        return {"parent": self._name, "root": self.is_root}
+
+    @Pyro5.api.expose
+    def detach_child(self, name: str) -> bool:
+        """Called by a child that leaves or moves, or by this node when a child is gone."""
+        with self._lock:
+            self._uris.pop(name, None)
+            if name in self._children:
+                self._children.remove(name)
+                logger.info("child %s detached", name)
+                return True
+        return False
+
+    @Pyro5.api.expose
+    def set_parent(self, name: str) -> dict[str, Any]:
+        """Move this node (and its subtree) under ``name``; used by ``llmtree parent N P``."""
+        if self.is_root:
+            raise InvalidRequest("the root has no parent")
+        if not isinstance(name, str) or name == self._name:
+            raise InvalidRequest("a node cannot be its own parent", param="parent")
+        ancestor: str | None = name
+        for _ in range(64):
+            if ancestor is None:
+                break
+            if ancestor == self._name:
+                raise InvalidRequest(f"{name} is below {self._name}; that would make a cycle")
+            ancestor = self._directory.lookup(ancestor).parent
+        record = self._directory.lookup(name)
+        old, self._parent = self._parent, name
+        if self._on_parent_changed is not None:
+            self._on_parent_changed(name)
+        self._peers.call(str(record.uri), "attach_child", self._name)
+        if old and old != name and (old_uri := self._uri_of(old)):
+            with contextlib.suppress(NodeUnavailable):
+                self._peers.call(old_uri, "detach_child", self._name)
+        logger.info("moved from parent %s to %s", old, name)
+        return {"parent": name, "previous": old}
+
+    def refresh_children(self, names: list[str]) -> None:
+        """Heartbeat: the directory's view of this node's children (sorted: a stable order)."""
+        with self._lock:
+            self._children = sorted(set(names))
+            for gone in set(self._uris) - set(self._children):
+                if gone not in self._serving.values():
+                    self._uris.pop(gone, None)
+
+    # -- introspection ----------------------------------------------------------------------
+    @Pyro5.api.expose
+    def ping(self) -> str:
+        return "pong"
+
+    @Pyro5.api.expose
+    def status(self) -> dict[str, Any]:
+        """name, parent, children, slots, running, queued, served, uptime (and a bit more)."""
+        with self._lock:
+            engine = self._engine
+            return {
+                "name": self._name,
+                "root": engine is None,
+                "parent": self._parent,
+                "children": list(self._children),
+                "slots": engine.slots if engine else 0,
+                "running": engine.num_running if engine else 0,
+                "queued": engine.num_waiting if engine else 0,
+                "served": self._served,
+                "in_flight": len(self._flights) if engine is None else len(self._serving),
+                "model": engine.model_name if engine else "",
+                "uptime_s": round(time.monotonic() - self._started, 1),
+                "uri": self.uri,
+            }
+
+    def close(self) -> None:
+        self._outbox.stop()

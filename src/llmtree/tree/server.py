@@ -1,0 +1,216 @@
+"""One node process: Pyro5 daemon + directory entry + heartbeat + (for workers) an engine.
+
+``NodeServer.start()`` checks the directory first (parent exists, name free) so that a bad
+command fails in a second, before the model loads; then it loads the engine, opens the daemon,
+registers, attaches to the parent, and heartbeats until ``stop()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import Pyro5.api
+import Pyro5.config
+import Pyro5.errors
+
+from llmtree.config import Settings
+from llmtree.errors import LlmTreeError, NameTaken, NodeUnavailable, UnknownNode
+from llmtree.registry import NodeRecord, Registry
+from llmtree.tree.client import OBJECT_ID, Peers
+from llmtree.tree.node import TreeNode
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def configure_pyro(threadpool_size: int) -> None:
+    """Process-wide Pyro5 settings: serpent only, a thread server, bounded messages."""
+    Pyro5.config.SERIALIZER = "serpent"
+    Pyro5.config.SERVERTYPE = "thread"
+    Pyro5.config.THREADPOOL_SIZE = threadpool_size
+    Pyro5.config.THREADPOOL_SIZE_MIN = min(8, threadpool_size)
+    Pyro5.config.MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+    Pyro5.config.DETAILED_TRACEBACK = False
+
+
+class NodeServer:
+    """Owns one TreeNode and everything around it; ``start`` / ``wait`` / ``stop``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        parent: str | None,
+        is_root: bool,
+        progress: Progress | None = None,
+    ) -> None:
+        if is_root == (parent is not None):
+            raise ValueError("a node is either the root or has a parent")
+        self.settings = settings
+        self.name = name
+        self.parent = parent
+        self.is_root = is_root
+        self._progress = progress or (lambda message: logger.info("%s", message))
+        self.registry = Registry(settings)
+        self.node: TreeNode | None = None
+        self.engine: Any = None
+        self._daemon: Pyro5.api.Daemon | None = None
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._peers = Peers(settings.call_timeout_s)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> str:
+        """Bring the node up; returns its URI. Raises an LlmTreeError that says what to do."""
+        self._progress(f"connecting to the directory at {self.settings.ldap_url}")
+        self.registry.connect(writer=True)
+        self._check_name_free()
+        if self.parent is not None:
+            self.registry.lookup(self.parent)
+        if not self.is_root:
+            self._start_engine()
+        configure_pyro(512 if self.is_root else 128)
+        host = self.settings.root_host if self.is_root else self.settings.node_host
+        port = self.settings.root_port if self.is_root else self.settings.node_port
+        try:
+            self._daemon = Pyro5.api.Daemon(host=host, port=port)
+        except OSError as error:
+            raise NodeUnavailable(
+                f"cannot listen on {host}:{port}: {error}; is another node using that port?"
+            ) from error
+        self.node = TreeNode(
+            self.name,
+            self.settings,
+            self.registry,
+            engine=self.engine,
+            parent=self.parent,
+            on_parent_changed=self._on_parent_changed,
+        )
+        uri = str(self._daemon.register(self.node, OBJECT_ID))
+        self.node.uri = uri
+        self._spawn(self._daemon.requestLoop, "pyro-daemon")
+        self.registry.register(self._record(), is_alive=self._is_alive)
+        if self.is_root:
+            self.node.refresh_children([c.name for c in self.registry.children(self.name)])
+        else:
+            self._attach()
+        self._spawn(self._heartbeat_loop, "heartbeat")
+        self._progress(f"node {self.name} ready at {uri}")
+        return uri
+
+    def _start_engine(self) -> None:
+        from llmtree.engine.engine import Engine
+
+        self._progress(f"loading model {self.settings.model}")
+        self.engine = Engine(self.settings, self.name, on_events=self._on_engine_events)
+        self.engine.start(progress=self._progress)
+
+    def _check_name_free(self) -> None:
+        try:
+            existing = self.registry.lookup(self.name)
+        except UnknownNode:
+            return
+        if self._is_alive(existing.uri):
+            raise NameTaken(
+                f"node name {self.name!r} is already registered and alive at {existing.uri}; "
+                "pick another --name or stop that node"
+            )
+
+    def wait(self) -> None:
+        """Block until ``stop()`` is called (from a signal handler or another thread)."""
+        while not self._stopping.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        """Leave the tree cleanly: detach, unregister, stop the engine and the daemon."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self.parent and self.node is not None:
+            with contextlib.suppress(LlmTreeError):
+                self._peers.call(self.registry.lookup(self.parent).uri, "detach_child", self.name)
+        try:
+            self.registry.unregister(self.name)
+        except LlmTreeError as error:
+            logger.warning("could not unregister %s: %s", self.name, error)
+        if self.engine is not None:
+            self.engine.stop()
+        if self.node is not None:
+            self.node.close()
+        if self._daemon is not None:
+            self._daemon.shutdown()
+        self.registry.close()
+        logger.info("node %s stopped", self.name)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _spawn(self, target: Callable[[], Any], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _record(self) -> NodeRecord:
+        assert self.node is not None
+        status = self.node.status()
+        busy = status["running"] + status["queued"] >= status["slots"] > 0
+        return NodeRecord(
+            name=self.name,
+            uri=self.node.uri,
+            host=self.settings.root_host if self.is_root else self.settings.node_host,
+            parent=self.parent,
+            capacity=status["slots"],
+            load=status["running"] + status["queued"],
+            status="busy" if busy else "idle",
+            model=status["model"],
+        )
+
+    def _is_alive(self, uri: str) -> bool:
+        if self.node is not None and uri == self.node.uri:
+            return False
+        try:
+            self._peers.call(uri, "ping")
+            return True
+        except LlmTreeError:
+            return False
+
+    def _attach(self) -> None:
+        if self.parent is None:
+            return
+        parent_uri = self.registry.lookup(self.parent).uri
+        self._peers.call(parent_uri, "attach_child", self.name)
+
+    def _on_engine_events(self, events: list[dict[str, Any]]) -> None:
+        if self.node is not None:
+            self.node.on_engine_events(events)
+
+    def _on_parent_changed(self, parent: str) -> None:
+        self.parent = parent
+        self.registry.set_parent(self.name, parent)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.settings.heartbeat_s):
+            try:
+                self._heartbeat_once()
+            except LlmTreeError as error:
+                logger.warning("heartbeat failed: %s", error)
+            except Exception:
+                logger.exception("heartbeat crashed; continuing")
+
+    def _heartbeat_once(self) -> None:
+        assert self.node is not None
+        record = self._record()
+        try:
+            self.registry.heartbeat(self.name, record.load, record.status, record.capacity)
+        except UnknownNode:
+            logger.warning("entry for %s expired; registering again", self.name)
+            self.registry.register(record, is_alive=self._is_alive)
+        self.node.refresh_children([c.name for c in self.registry.children(self.name)])
+        if not self.is_root:
+            try:
+                self._attach()
+            except LlmTreeError as error:
+                logger.warning("parent %s unreachable: %s", self.parent, error)

@@ -1,0 +1,80 @@
+"""Validation of wire messages: bad input from a user or a peer is refused, never crashes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmtree.errors import InvalidRequest
+from llmtree.protocol import GenerateRequest, SamplingParams, is_valid_event, make_event
+
+
+def request(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "request_id": "r1",
+        "messages": [{"role": "user", "content": "hi"}],
+        "sampling": {},
+    }
+    base.update(kw)
+    return base
+
+
+def test_round_trip() -> None:
+    req = GenerateRequest.from_wire(request(sampling={"max_tokens": 5, "stop": "x", "seed": 3}))
+    again = GenerateRequest.from_wire(req.to_wire())
+    assert again == req
+    assert again.sampling.stop == ["x"] and again.sampling.seed == 3
+
+
+@pytest.mark.parametrize(
+    ("sampling", "param"),
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+        ({"stop": ["a"] * 5}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": [1]}, "stop"),
+        ({"top_k": -1}, "top_k"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+    ],
+)
+def test_bad_sampling_is_refused(sampling: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams.from_wire(sampling)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        [],
+        request(request_id=""),
+        request(request_id=7),
+        request(messages=[]),
+        request(messages="hi"),
+        request(messages=[{"role": "wizard", "content": "x"}]),
+        request(messages=[{"role": "user", "content": 5}]),
+        request(messages=[{"role": "user", "content": "x" * 70_000}]),
+        request(path="root"),
+        request(sink=5),
+    ],
+)
+def test_bad_requests_are_refused(data: Any) -> None:
+    with pytest.raises(InvalidRequest):
+        GenerateRequest.from_wire(data)
+
+
+def test_event_validation() -> None:
+    assert is_valid_event(make_event("r", 0, "a", [1]))
+    assert is_valid_event(make_event("r", 3, finish_reason="stop"))
+    assert not is_valid_event({"request_id": "r", "seq": -1})
+    assert not is_valid_event({"request_id": "r", "seq": True})
+    assert not is_valid_event(make_event("r", 0, finish_reason="exploded"))
+    assert not is_valid_event("event")

@@ -49,11 +49,15 @@ def _number(data: dict[str, Any], key: str, default: float, low: float, high: fl
     return float(value)
 
 
-def _integer(data: dict[str, Any], key: str, default: int | None, low: int, high: int) -> int | None:
+def _integer(
+    data: dict[str, Any], key: str, default: int | None, low: int, high: int
+) -> int | None:
     value = data.get(key, default)
     if value is None:
         return default
-    _require(isinstance(value, int) and not isinstance(value, bool), f"'{key}' must be an integer", key)
+    _require(
+        isinstance(value, int) and not isinstance(value, bool), f"'{key}' must be an integer", key
+    )
     _require(low <= value <= high, f"'{key}' must be between {low} and {high}", key)
     return int(value)
 
@@ -96,7 +100,9 @@ class SamplingParams:
         max_tokens = _integer(data, "max_tokens", 256, 1, MAX_TOKENS_LIMIT)
         min_tokens = _integer(data, "min_tokens", 0, 0, MAX_TOKENS_LIMIT)
         assert max_tokens is not None and min_tokens is not None
-        _require(min_tokens <= max_tokens, "'min_tokens' must not exceed 'max_tokens'", "min_tokens")
+        _require(
+            min_tokens <= max_tokens, "'min_tokens' must not exceed 'max_tokens'", "min_tokens"
+        )
         ignore_eos = data.get("ignore_eos", False)
         _require(isinstance(ignore_eos, bool), "'ignore_eos' must be true or false", "ignore_eos")
         return cls(

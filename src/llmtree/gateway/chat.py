@@ -28,6 +28,7 @@ from llmtree.protocol import GenerateRequest, SamplingParams
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512
+MODELS_TTL_S = 5.0
 
 
 @dataclass(slots=True)
@@ -40,6 +41,8 @@ class ChatContext:
     default_model: str
     idle_timeout_s: float
     max_body_bytes: int
+    models: tuple[float, list[str]] = (0.0, [])
+    """(monotonic time read, model names) from the directory; re-read every few seconds."""
 
 
 def _finish(reason: str) -> str:
@@ -50,12 +53,16 @@ def make_router(ctx: ChatContext) -> APIRouter:
     router = APIRouter()
 
     async def known_models() -> list[str]:
+        read_at, names = ctx.models
+        if names and time.monotonic() - read_at < MODELS_TTL_S:
+            return names
         try:
             nodes = await anyio.to_thread.run_sync(ctx.root.list_nodes)
         except LlmTreeError:
             return [ctx.default_model]
-        names = sorted({n.model for n in nodes if n.model})
-        return names or [ctx.default_model]
+        names = sorted({n.model for n in nodes if n.model}) or [ctx.default_model]
+        ctx.models = (time.monotonic(), names)
+        return names
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:

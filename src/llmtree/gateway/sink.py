@@ -17,8 +17,7 @@ import Pyro5.api
 
 from llmtree.errors import InvalidRequest
 from llmtree.protocol import is_valid_event
-from llmtree.tree.client import SINK_ID
-from llmtree.tree.server import configure_pyro
+from llmtree.tree.client import SINK_ID, configure_pyro
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any
 
+import Pyro5
 import Pyro5.api
 import Pyro5.errors
 
@@ -23,6 +24,16 @@ OBJECT_ID = "llmtree.node"
 SINK_ID = "llmtree.sink"
 
 register_remote_errors()
+
+
+def configure_pyro(threadpool_size: int) -> None:
+    """Process-wide Pyro5 settings: serpent only, a thread server, bounded messages."""
+    Pyro5.config.SERIALIZER = "serpent"
+    Pyro5.config.SERVERTYPE = "thread"
+    Pyro5.config.THREADPOOL_SIZE = threadpool_size
+    Pyro5.config.THREADPOOL_SIZE_MIN = min(8, threadpool_size)
+    Pyro5.config.MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+    Pyro5.config.DETAILED_TRACEBACK = False
 
 
 def node_uri(host: str, port: int, object_id: str = OBJECT_ID) -> str:

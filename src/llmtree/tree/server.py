@@ -14,28 +14,16 @@ from collections.abc import Callable
 from typing import Any
 
 import Pyro5.api
-import Pyro5.config
-import Pyro5.errors
 
 from llmtree.config import Settings
 from llmtree.errors import LlmTreeError, NameTaken, NodeUnavailable, UnknownNode
 from llmtree.registry import NodeRecord, Registry
-from llmtree.tree.client import OBJECT_ID, Peers
+from llmtree.tree.client import OBJECT_ID, Peers, configure_pyro
 from llmtree.tree.node import TreeNode
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-def configure_pyro(threadpool_size: int) -> None:
-    """Process-wide Pyro5 settings: serpent only, a thread server, bounded messages."""
-    Pyro5.config.SERIALIZER = "serpent"
-    Pyro5.config.SERVERTYPE = "thread"
-    Pyro5.config.THREADPOOL_SIZE = threadpool_size
-    Pyro5.config.THREADPOOL_SIZE_MIN = min(8, threadpool_size)
-    Pyro5.config.MAX_MESSAGE_SIZE = 16 * 1024 * 1024
-    Pyro5.config.DETAILED_TRACEBACK = False
 
 
 class NodeServer:

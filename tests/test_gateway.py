@@ -1,0 +1,99 @@
+"""The gateway against a real root that has no workers yet (no model needed), and the sink's
+ordering of events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from cluster import Proc, free_port, llmtree_env, wait_for
+
+from llmtree.config import Settings
+from llmtree.gateway.sink import RequestStream
+from llmtree.protocol import make_event
+
+
+@pytest.fixture(scope="module")
+def gateway(slapd_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    logs = tmp_path_factory.mktemp("gw-logs")
+    root_port, http_port = free_port(), free_port()
+    env = llmtree_env(
+        slapd_settings,
+        LLMTREE_ROOT_PORT=str(root_port),
+        LLMTREE_ROOT_NAME="gwroot",
+        LLMTREE_GATEWAY_PORT=str(http_port),
+    )
+    root = Proc("gwroot", ["node", "--name", "gwroot", "--root"], env, logs)
+    gw = Proc("gateway", ["gateway"], env, logs)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 60, "gateway")
+        wait_for(lambda: "ready at" in root.output(), 60, "root")
+        yield url
+    finally:
+        gw.stop()
+        root.stop()
+
+
+pytestmark = pytest.mark.ldap
+
+
+def test_not_ready_without_workers(gateway: str) -> None:
+    r = httpx.get(f"{gateway}/readyz")
+    assert r.status_code == 503
+    assert "no serving nodes" in r.json()["error"]["message"]
+
+
+def test_overloaded_is_503_with_retry_after(gateway: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=10)
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "overloaded"
+
+
+def test_unknown_route_is_openai_shaped(gateway: str) -> None:
+    r = httpx.get(f"{gateway}/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\xff\xfe",
+        b'{"messages": [{"role": "user", "content": "x"}], "stream": "maybe"}',
+        b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}',
+        b'{"messages": [{"role": "user", "content": "x"}], "top_p": 0}',
+        b'{"messages": [{"role": "user", "content": "x"}], "seed": "x"}',
+        b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}',
+    ],
+)
+def test_bad_bodies_are_400(gateway: str, body: bytes) -> None:
+    r = httpx.post(f"{gateway}/v1/chat/completions", content=body, timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_stream_orders_events_and_drops_duplicates() -> None:
+    async def run() -> list[int]:
+        stream = RequestStream("r", asyncio.get_running_loop())
+        for seq in (2, 0, 0, 1, 4, 3):
+            stream.push_threadsafe(make_event("r", seq, text=str(seq), finish_reason=None))
+        stream.push_threadsafe(make_event("r", 5, finish_reason="stop"))
+        stream.push_threadsafe(make_event("r", 6, text="late"))
+        return [event["seq"] async for event in stream.events(5)]
+
+    assert asyncio.run(run()) == [0, 1, 2, 3, 4, 5]
+
+
+def test_stream_times_out_with_one_error_event() -> None:
+    async def run() -> list[dict[str, object]]:
+        stream = RequestStream("r", asyncio.get_running_loop())
+        stream.push_threadsafe(make_event("r", 0, text="a"))
+        return [event async for event in stream.events(0.2)]
+
+    events = asyncio.run(run())
+    assert [e["finish_reason"] for e in events] == [None, "error"]

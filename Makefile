@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.llmtree-installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps model run test test-fast check lint bench clean
+.PHONY: help setup system-deps test-deps model run test test-fast check lint bench clean
 
 help:
 	@echo "make run        set everything up and start the local tree (gateway on http://127.0.0.1:8000)"
@@ -19,11 +19,19 @@ help:
 	@echo "make bench      benchmarks side by side; writes docs/benchmarks.md"
 	@echo "make clean      remove the virtualenv, var/ and caches"
 
+# slapd + ldap-utils for the directory; chromium for the browser test of the web page.
 system-deps:
 	@if [ ! -x /usr/sbin/slapd ] || ! command -v ldapsearch >/dev/null 2>&1; then \
 		echo "installing slapd and ldap-utils with apt-get"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq slapd ldap-utils >/dev/null; \
+	fi
+
+test-deps: system-deps
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing chromium with apt-get (for the browser test)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; \
 	fi
 
 $(PY):
@@ -46,10 +54,10 @@ model: setup
 run: setup model
 	$(VENV)/bin/llmtree up
 
-test: setup model
+test: setup test-deps model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup model
+test-fast: setup test-deps model
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 check: setup

@@ -59,6 +59,8 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
             last = check()
             if last:
                 return last
+        except AssertionError:
+            raise
         except Exception as error:  # noqa: BLE001 - keep polling until the deadline
             last = error
         time.sleep(0.05)

@@ -66,8 +66,9 @@ def tree(slapd_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
         ready("root")
         for name in ("a", "b"):
             start(name, "--parent", "root", "--slots", "1")
-        start("c", "--parent", "a", "--slots", "1")  # waits for a in the directory
-        for name in ("a", "b", "c"):
+        ready("a")
+        start("c", "--parent", "a", "--slots", "1")  # its parent must be in the directory
+        for name in ("b", "c"):
             ready(name)
         root_uri = node_uri("127.0.0.1", port)
         wait_for(lambda: peers.call(root_uri, "status")["children"] == ["a", "b"], 30, "root")

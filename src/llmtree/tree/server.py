@@ -49,6 +49,7 @@ class NodeServer:
         self.engine: Any = None
         self._daemon: Pyro5.api.Daemon | None = None
         self._stopping = threading.Event()
+        self._registered = False
         self._threads: list[threading.Thread] = []
         self._peers = Peers(settings.call_timeout_s)
 
@@ -83,6 +84,7 @@ class NodeServer:
         self.node.uri = uri
         self._spawn(self._daemon.requestLoop, "pyro-daemon")
         self.registry.register(self._record(), is_alive=self._is_alive)
+        self._registered = True
         if self.is_root:
             self.node.refresh_children([c.name for c in self.registry.children(self.name)])
         else:
@@ -119,13 +121,14 @@ class NodeServer:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        if self.parent and self.node is not None:
+        if self.parent and self._registered:
             with contextlib.suppress(LlmTreeError):
                 self._peers.call(self.registry.lookup(self.parent).uri, "detach_child", self.name)
-        try:
-            self.registry.unregister(self.name)
-        except LlmTreeError as error:
-            logger.warning("could not unregister %s: %s", self.name, error)
+        if self._registered:
+            try:
+                self.registry.unregister(self.name)
+            except LlmTreeError as error:
+                logger.warning("could not unregister %s: %s", self.name, error)
         if self.engine is not None:
             self.engine.stop()
         if self.node is not None:

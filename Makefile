@@ -49,7 +49,7 @@ setup: system-deps $(STAMP)
 
 # Convert the default model once into var/models so later starts are fast.
 model: setup
-	$(PY) -m llmtree.engine.loader
+	$(PY) -m llmtree.engine
 
 run: setup model
 	$(VENV)/bin/llmtree up

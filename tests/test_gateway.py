@@ -8,11 +8,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from cluster import Proc, free_port, llmtree_env, wait_for
 
 from llmtree.config import Settings
 from llmtree.gateway.sink import RequestStream
 from llmtree.protocol import make_event
+
+from cluster import Proc, free_port, llmtree_env, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,15 @@ from llmtree.tree.routing import Plan, Snapshot, plan
 
 
 def snap(**kw: object) -> Snapshot:
-    base: dict[str, object] = dict(
-        is_root=False, num_running=0, num_waiting=0, slots=1, max_queue=2, children=(), next_child=0
-    )
+    base: dict[str, object] = {
+        "is_root": False,
+        "num_running": 0,
+        "num_waiting": 0,
+        "slots": 1,
+        "max_queue": 2,
+        "children": (),
+        "next_child": 0,
+    }
     base.update(kw)
     return Snapshot(**base)  # type: ignore[arg-type]
 

@@ -143,7 +143,9 @@ def cmd_ldap(args: argparse.Namespace) -> int:
         print("slapd stopped" if slapd.stop() else "slapd was not running")
     else:
         running = slapd.pid() if slapd.is_running() else None
-        print(f"slapd running at {settings.ldap_url} (pid {running})" if running else "slapd stopped")
+        print(
+            f"slapd running at {settings.ldap_url} (pid {running})" if running else "slapd stopped"
+        )
     return 0
 
 

@@ -1,0 +1,108 @@
+"""One weight matrix, kept in the forms that are fastest for the number of rows it multiplies.
+
+On a CPU a decode step is limited by memory bandwidth: every step reads every weight once.
+
+* Dense weights are pre-packed into oneDNN's blocked layout once (``mkldnn`` reorder), instead of
+  being re-laid out by every call.
+* A weight that is exactly 4-bit per group of 32 (what a Q4_0/Q4_1 GGUF file holds) also keeps
+  an int4 copy: a quarter of the bytes of bf16, and no precision lost, for steps with few rows,
+  where reading the weights is the whole cost.
+
+Built by ``LlamaForward`` at start; called by it on the engine loop thread.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUP = 32
+"""Weights per scale/zero pair in the int4 form (the GGUF block size)."""
+INT4_MAX_ROWS = 8
+"""Steps that decode at most this many sequences use the int4 form for their decode rows
+(measured crossover on AVX-512/AMX); prompt rows always use the dense form. So a row's numbers
+depend only on how many sequences decode beside it, never on prompts being prefilled."""
+PACK_BATCH_HINT = 64
+"""Rows oneDNN tunes the packed layout for."""
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where oneDNN pre-packing is available (CPU with mkldnn, bf16 or fp32)."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and dtype in (torch.bfloat16, torch.float32)
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def to_int4(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The packed int4 form of ``weight`` ``[out, in]`` if it loses nothing, else None.
+
+    Each group of 32 inputs must hold at most 16 evenly spaced values from its minimum to its
+    maximum, which is how llama.cpp's Q4_0/Q4_1 blocks de-quantize.
+    """
+    out_features, in_features = weight.shape
+    if in_features % INT4_GROUP or weight.device.type != "cpu":
+        return None
+    w = weight.detach().float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    levels = torch.where(scale > 0, (w - low) / scale.clamp(min=1e-30), torch.zeros_like(w))
+    q = levels.round().clamp_(0, 15)
+    error = ((q * scale + low) - w).abs()
+    if bool((error > 1e-3 * scale + 1e-7).any()):
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        q.to(torch.int32).view(out_features, in_features), 1
+    )
+    zero = low + 8 * scale
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return packed, scales_and_zeros
+
+
+class Linear:
+    """``y = x @ weight.T + bias`` with the weight in its best forms for this device."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        pack: bool,
+        allow_int4: bool,
+    ) -> None:
+        self.out_features = weight.shape[0]
+        self.int4 = to_int4(weight, dtype) if allow_int4 and pack else None
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        dense = weight.detach().to(dtype).contiguous()
+        self.packed: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = dense
+        if pack:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(dense, PACK_BATCH_HINT)
+            self.weight = None
+
+    def __call__(self, x: torch.Tensor, int4_rows: int = 0) -> torch.Tensor:
+        """``x @ weight.T + bias``; the first ``int4_rows`` rows use the int4 form if any."""
+        if self.int4 is None or int4_rows <= 0:
+            return self._dense(x)
+        if int4_rows >= x.shape[0]:
+            return self._int4(x)
+        return torch.cat((self._int4(x[:int4_rows]), self._dense(x[int4_rows:])))
+
+    def _int4(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.int4 is not None
+        packed, scales_and_zeros = self.int4
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, packed, INT4_GROUP, scales_and_zeros
+        )
+        return y if self.bias is None else y + self.bias
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+                x, self.packed, self.bias, "none", [], ""
+            )
+            return y
+        assert self.weight is not None
+        return F.linear(x, self.weight, self.bias)

@@ -232,6 +232,7 @@ def test_web_page_streams_an_answer_in_a_real_browser(stack: Stack) -> None:
         try:
             page = browser.new_page(viewport={"width": 390, "height": 800})  # a phone
             page.goto(stack.url + "/")
+            page.fill("#temperature", "0")
             page.fill("#input", QUESTION)
             page.keyboard.press("Enter")
             answer = page.locator(".msg.assistant").first

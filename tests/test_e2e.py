@@ -165,6 +165,21 @@ def test_cli_views(stack: Stack) -> None:
     assert nodes.returncode == 0, nodes.stderr
     for name in ("root", "worker-1", "worker-2"):
         assert name in nodes.stdout
+    moved = stack.cli("parent", "worker-2", "worker-1")
+    assert moved.returncode == 0 and "root -> worker-1" in moved.stdout, moved.stderr
+    tree = stack.cli("nodes").stdout.splitlines()
+    depth = {
+        n: next(ln.index(n + "  ") for ln in tree if n + "  " in ln)
+        for n in ("root", "worker-1", "worker-2")
+    }
+    assert depth["root"] < depth["worker-1"] < depth["worker-2"], tree
+    back = stack.cli("parent", "worker-2", "root")
+    assert back.returncode == 0, back.stderr
+    wait_for(
+        lambda: httpx.get(f"{stack.url}/readyz").json().get("children") == ["worker-1", "worker-2"],
+        15,
+        "worker-2 back under root",
+    )
     status = stack.cli("status", "worker-1")
     assert status.returncode == 0, status.stderr
     assert "running" in status.stdout and "worker-1" in status.stdout

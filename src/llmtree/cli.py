@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,13 +86,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     )
     from llmtree.tree.server import NodeServer
 
-    server = NodeServer(settings, name, args.parent, args.root)
-    _stop_on_signals(server.stop)
-    try:
-        server.start()
-        server.wait()
-    finally:
-        server.stop()
+    NodeServer(settings, name, args.parent, args.root).run()
     return 0
 
 
@@ -183,14 +176,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result: int = run_bench(args)
     return result
-
-
-def _stop_on_signals(stop: Callable[[], None]) -> None:
-    def handler(signum: int, frame: Any) -> None:
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 # -- parser ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,16 @@ class NodeServer:
                 f"node name {self.name!r} is already registered and alive at {existing.uri}; "
                 "pick another --name or stop that node"
             )
+
+    def run(self) -> None:
+        """``start``, then serve until SIGTERM or SIGINT, then ``stop`` (the process's main)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop())
+        try:
+            self.start()
+            self.wait()
+        finally:
+            self.stop()
 
     def wait(self) -> None:
         """Block until ``stop()`` is called (from a signal handler or another thread)."""

@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmtree.config import Settings
@@ -23,14 +22,9 @@ from llmtree.errors import LlmTreeError, Overloaded
 from llmtree.gateway.chat import ChatContext, make_router
 from llmtree.gateway.root_client import RootClient
 from llmtree.gateway.sink import SinkServer
+from llmtree.gateway.web import mount_web
 
 logger = logging.getLogger(__name__)
-
-
-def web_dir() -> Path:
-    """The web UI files: shipped in the wheel as ``llmtree/_web``, else the repo's ``web/``."""
-    packaged = Path(__file__).resolve().parents[1] / "_web"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[3] / "web"
 
 
 def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
@@ -105,8 +99,5 @@ def create_app(settings: Settings, root: RootClient | None = None) -> FastAPI:
         result: dict[str, Any] = record.to_dict()
         return result
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(web_dir() / "index.html", media_type="text/html")
-
+    mount_web(app)
     return app

@@ -1,24 +1,52 @@
-"""The web UI: static files from ``web/`` and the security headers every response carries."""
+"""The web UI: pages and static files from ``web/`` and the security headers every response carries.
+
+Routes: ``/`` (the chat app), ``/directory`` (the LDAP directory as a live tree),
+``/manifest.webmanifest`` (install as an app) and ``/static/...`` (scripts, styles, icons and the
+vendored libraries). Nothing is inline, so the Content-Security-Policy forbids inline script and
+style. Static files are revalidated on each load (``no-cache`` + ETag, 304 when unchanged).
+"""
 
 from __future__ import annotations
 
+import mimetypes
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse
+from starlette.staticfiles import StaticFiles
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
-    "form-action 'self'; frame-ancestors 'none'; manifest-src 'self'"
+    "form-action 'self'; frame-ancestors 'none'; manifest-src 'self'; worker-src 'self'"
 )
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
 }
+# The files the UI ships, by suffix; set here so the answer does not depend on /etc/mime.types.
+MEDIA_TYPES = {
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".html": "text/html",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".json": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".txt": "text/plain",
+}
+for _suffix, _media_type in MEDIA_TYPES.items():
+    mimetypes.add_type(_media_type, _suffix)
+
+PAGES = {"/": "index.html", "/directory": "directory.html"}
+NO_CACHE = "no-cache"
 
 
 def web_dir() -> Path:
@@ -27,8 +55,15 @@ def web_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[3] / "web"
 
 
+def _file(name: str, media_type: str) -> FileResponse:
+    path = web_dir() / name
+    if not path.is_file():
+        raise HTTPException(404, f"{name} is not part of this build of the web UI")
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": NO_CACHE})
+
+
 def mount_web(app: FastAPI) -> None:
-    """Serve the UI at ``/`` and add the security headers to every response."""
+    """Serve the UI and add the security headers to every response."""
 
     @app.middleware("http")
     async def security_headers(
@@ -37,8 +72,22 @@ def mount_web(app: FastAPI) -> None:
         response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if request.url.path.startswith("/static/"):
+            response.headers.setdefault("Cache-Control", NO_CACHE)
         return response
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(web_dir() / "index.html", media_type="text/html")
+        return _file(PAGES["/"], "text/html; charset=utf-8")
+
+    @app.get("/directory", include_in_schema=False)
+    async def directory() -> FileResponse:
+        return _file(PAGES["/directory"], "text/html; charset=utf-8")
+
+    @app.get("/manifest.webmanifest", include_in_schema=False)
+    async def manifest() -> FileResponse:
+        return _file("manifest.webmanifest", MEDIA_TYPES[".webmanifest"])
+
+    # StaticFiles refuses paths outside the folder and answers If-None-Match with 304;
+    # its 404 goes through the app's handler, so it is OpenAI-shaped like every other error.
+    app.mount("/static", StaticFiles(directory=web_dir() / "static"), name="static")

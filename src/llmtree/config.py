@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     """Largest request body the gateway accepts."""
 
+    # -- accounts and chat history -------------------------------------------------------------
+    database_url: str = ""
+    """SQLAlchemy async URL of the chat database; empty: sqlite+aiosqlite:///<var_dir>/llmtree.db."""
+    jwt_secret: str = ""
+    """Key that signs session tokens (>= 32 chars; required unless dev mode)."""
+    session_ttl_s: int = Field(default=7 * 86400, ge=60)
+    """How long a login session lasts."""
+    dev: bool = False
+    """Dev mode: the gateway starts without a jwt_secret (it makes a throwaway one)."""
+
     @field_validator("ldap_url")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
@@ -91,6 +101,11 @@ class Settings(BaseSettings):
     @property
     def ldap_data_dir(self) -> Path:
         return self.ldap_dir if self.ldap_dir is not None else self.var_dir / "ldap"
+
+    @property
+    def db_url(self) -> str:
+        """The chat database's URL: the setting, else a SQLite file under var_dir."""
+        return self.database_url or f"sqlite+aiosqlite:///{self.var_dir.resolve()}/llmtree.db"
 
     @property
     def model_cache_dir(self) -> Path:

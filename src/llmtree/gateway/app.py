@@ -12,17 +12,25 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmtree.config import Settings
 from llmtree.errors import LlmTreeError, Overloaded
+from llmtree.gateway.accounts import make_accounts_router
+from llmtree.gateway.apierror import ApiError
+from llmtree.gateway.auth import Auth
 from llmtree.gateway.chat import ChatContext, make_router
+from llmtree.gateway.chats import make_chats_router
+from llmtree.gateway.db import Database
+from llmtree.gateway.metrics import mount_metrics
 from llmtree.gateway.root_client import RootClient
 from llmtree.gateway.sink import SinkServer
+from llmtree.gateway.turn import ChatServices
 from llmtree.gateway.web import mount_web
+from llmtree.gateway.ws import make_ws_router
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +43,13 @@ def _error(status: int, message: str, kind: str, code: str | None = None) -> JSO
 def create_app(settings: Settings, root: RootClient | None = None) -> FastAPI:
     root_client = root or RootClient(settings)
     sink_server = SinkServer(settings.sink_host)
+    db = Database(settings.db_url)
+    auth = Auth(settings, db)  # refuses a missing or short jwt_secret outside dev mode
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = 200
+        await db.start()
         sink_uri = await anyio.to_thread.run_sync(sink_server.start)
         ctx = ChatContext(
             root=root_client,
@@ -48,20 +59,30 @@ def create_app(settings: Settings, root: RootClient | None = None) -> FastAPI:
             idle_timeout_s=settings.request_timeout_s,
             max_body_bytes=settings.max_body_bytes,
         )
-        app.include_router(make_router(ctx))
+        app.include_router(make_router(ctx), dependencies=[Depends(auth.api_key_user)])
+        services = ChatServices(ctx=ctx, db=db, max_model_len=settings.max_model_len)
+        app.include_router(make_accounts_router(auth))
+        app.include_router(make_chats_router(auth, services))
+        app.include_router(make_ws_router(auth, services))
         logger.info("gateway ready; event sink at %s", sink_uri)
         try:
             yield
         finally:
             sink_server.stop()
             root_client.close()
+            await db.close()
 
     app = FastAPI(title="llmtree", version="0.1.0", lifespan=lifespan)
+    mount_metrics(app, root_client, sink_server.sink)
 
     @app.exception_handler(LlmTreeError)
     async def on_llmtree_error(request: Request, error: LlmTreeError) -> JSONResponse:
         headers = {"Retry-After": "1"} if isinstance(error, Overloaded) else None
         return JSONResponse(error.to_openai(), status_code=error.http_status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

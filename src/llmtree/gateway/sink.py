@@ -52,6 +52,14 @@ class RequestStream:
 
     def fail(self, message: str) -> None:
         """End the stream from the gateway side (timeout, lost node): one terminal error event."""
+        self._end("error", error=message, timeout=True)
+
+    def stop(self) -> None:
+        """End the stream from the gateway side at a user's request: one terminal cancelled event
+        (the caller cancels the request on the tree)."""
+        self._end("cancelled")
+
+    def _end(self, reason: str, **extra: Any) -> None:
         if not self.finished:
             self.finished = True
             self._queue.put_nowait(
@@ -60,9 +68,10 @@ class RequestStream:
                     "seq": self._next_seq,
                     "text": "",
                     "token_ids": [],
-                    "finish_reason": "error",
-                    "error": message,
+                    "finish_reason": reason,
                     "usage": None,
+                    "local": True,
+                    **extra,
                 }
             )
 
@@ -86,16 +95,22 @@ class EventSink:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._streams: dict[str, RequestStream] = {}
+        self.observer: Any = None
+        """Sees every request open, each delivered event and the close (gateway/metrics.py)."""
 
     def open(self, request_id: str) -> RequestStream:
         stream = RequestStream(request_id, asyncio.get_running_loop())
         with self._lock:
             self._streams[request_id] = stream
+        if self.observer is not None:
+            self.observer.opened(request_id)
         return stream
 
     def close(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
+        if self.observer is not None:
+            self.observer.closed(request_id)
 
     @property
     def num_open(self) -> int:
@@ -116,6 +131,8 @@ class EventSink:
             if stream is not None:
                 stream.push_threadsafe(event)
                 delivered += 1
+                if self.observer is not None:
+                    self.observer.event(event)
         return delivered
 
 

@@ -32,14 +32,24 @@ logger = logging.getLogger("llmtree")
 
 def configure_logging(tag: str, level: str | None = None) -> None:
     level = (level or os.environ.get("LLMTREE_LOG_LEVEL") or "INFO").upper()
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)-5s {tag} %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    if log_format() == "json":
+        from llmtree.logs import configure_json
+
+        configure_json(tag.strip("[]"), level)
+    else:
+        logging.basicConfig(
+            level=level,
+            format=f"%(asctime)s %(levelname)-5s {tag} %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stderr,
+        )
     for noisy in ("Pyro5", "ldap3", "urllib3", "httpx", "transformers", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_format() -> str:
+    """'json' or 'text', from LLMTREE_LOG_FORMAT (``--log-format`` sets it for child processes)."""
+    return "json" if os.environ.get("LLMTREE_LOG_FORMAT", "").lower() == "json" else "text"
 
 
 def make_settings(args: argparse.Namespace, **fields: Any) -> Settings:
@@ -68,6 +78,11 @@ def check_name(name: str, what: str = "node name") -> str:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_node(args: argparse.Namespace) -> int:
+    if args.parent_from_ordinal:
+        from llmtree.tree.ordinal import place_by_ordinal
+
+        root_name = make_settings(args).root_name
+        args.name, args.parent = place_by_ordinal(args.name, args.fanout, root_name)
     if args.root == (args.parent is not None):
         raise ConfigError("give either --root or --parent NAME")
     name = check_name(args.name or ("root" if args.root else ""))
@@ -96,6 +111,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llmtree.gateway.app import create_app
+    from llmtree.logs import uvicorn_log_config
 
     app = create_app(settings)
     uvicorn.run(
@@ -103,6 +119,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         host=settings.gateway_host,
         port=settings.gateway_port,
         log_level="warning",
+        log_config=uvicorn_log_config(log_format()),
         timeout_graceful_shutdown=5,
     )
     return 0
@@ -183,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmtree", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ldap-url", help="LDAP server (default ldap://127.0.0.1:3389)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="log lines as text (default) or JSON"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="start a whole local tree (slapd, root, workers, gateway)")
@@ -198,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--name", help="node name (unique in the directory)")
     node.add_argument("--parent", help="name of the parent node")
     node.add_argument("--root", action="store_true", help="run the root node")
+    node.add_argument(
+        "--parent-from-ordinal",
+        action="store_true",
+        help="name = pod name (or --name) NAME-i; parent from i in a tree of --fanout (Kubernetes)",
+    )
+    node.add_argument("--fanout", type=int, default=2, help="with --parent-from-ordinal (2)")
     node.add_argument("--model", help="'smollm2', a HF model folder or a GGUF file")
     node.add_argument("--slots", type=int, help="requests served at once (default 32)")
     node.add_argument("--max-queue", type=int, help="requests held waiting (default 64)")
@@ -245,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log_format:
+        os.environ["LLMTREE_LOG_FORMAT"] = args.log_format  # child processes log the same way
     try:
         result: int = args.func(args)
         return result

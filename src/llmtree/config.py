@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=2.0, gt=0)
     """How often a node refreshes its entry, load and status."""
 
+    # -- operations --------------------------------------------------------------------------
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """HTTP port of a node's Prometheus /metrics, on its Pyro5 address; 0: Pyro5 endpoint only."""
+    log_format: str = Field(default="text", pattern="^(text|json)$")
+    """'text', or 'json': one JSON object per log line, with request_id and node name."""
+
     # -- nodes -------------------------------------------------------------------------------
     root_name: str = "root"
     """Name of the root node."""

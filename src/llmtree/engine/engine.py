@@ -65,6 +65,8 @@ class Engine:
         self._chat: ChatTokenizer | None = None
         self._model_name = settings.model
         self.max_model_len = settings.max_model_len
+        self.observer: Callable[[list[SequenceOutput]], None] | None = None
+        """Sees each step's outputs before they become events (``llmtree.metrics``)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -259,6 +261,8 @@ class Engine:
         """Turns outputs into events, frees finished slots' memory, calls ``on_events`` once."""
         if not outputs:
             return
+        if self.observer is not None:
+            self.observer(outputs)
         events = []
         finished = []
         for output in outputs:

@@ -18,6 +18,7 @@ import Pyro5.api
 
 from llmtree.config import Settings
 from llmtree.errors import LlmTreeError, NameTaken, NodeUnavailable, UnknownNode
+from llmtree.metrics import NodeMetrics, start_node_metrics
 from llmtree.registry import NodeRecord, Registry
 from llmtree.tree.client import OBJECT_ID, Peers, configure_pyro
 from llmtree.tree.node import TreeNode
@@ -52,6 +53,7 @@ class NodeServer:
         self._stopping = threading.Event()
         self._registered = False
         self._threads: list[threading.Thread] = []
+        self.metrics: NodeMetrics | None = None
         self._peers = Peers(settings.call_timeout_s)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -83,6 +85,9 @@ class NodeServer:
         )
         uri = str(self._daemon.register(self.node, OBJECT_ID))
         self.node.uri = uri
+        self.metrics = start_node_metrics(
+            self.name, self.node.status, self.engine, self._daemon, host, self.settings.metrics_port
+        )
         self._spawn(self._daemon.requestLoop, "pyro-daemon")
         self.registry.register(self._record(), is_alive=self._is_alive)
         self._registered = True
@@ -146,6 +151,8 @@ class NodeServer:
             self.node.close()
         if self._daemon is not None:
             self._daemon.shutdown()
+        if self.metrics is not None:
+            self.metrics.close()
         self.registry.close()
         logger.info("node %s stopped", self.name)
 

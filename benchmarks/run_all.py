@@ -35,6 +35,7 @@ from llmtree.bench.loadgen import Level, Target, chat_url, discover_model, make_
 from llmtree.bench.report import read_jsonl
 from llmtree.bench.stats import LevelSummary
 from llmtree.bench.workload import Span, make_requests
+from llmtree.gateway.keys_cli import read_dev_key
 
 PY = sys.executable
 ALL_CASES = ("a", "b", "c", "d", "tree")
@@ -99,7 +100,7 @@ def drive(url: str, todo: list[Level], rss_pid: int | None, tag: str) -> list[Le
 
     async def go() -> list[LevelSummary]:
         async with make_client(600.0) as client:
-            key = os.environ.get("LLMTREE_API_KEY")  # if the gateway ever asks for one
+            key = os.environ.get("LLMTREE_API_KEY")  # set by the case from its dev key
             target = Target(chat_url(url), await discover_model(client, url, key), key)
             warm = make_requests(2, Span(8, 8), Span(8, 8), seed=99)
             await run_level(client, target, Level(warm, concurrency=1))
@@ -163,6 +164,7 @@ def case_b(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[Le
     up = Proc("stack", [PY, "-m", "llmtree", "up", "--workers", "1"], env, work / "logs")
     try:
         wait_for(lambda: http_ok(url + "/readyz"), "the full stack", [up], 900)
+        os.environ["LLMTREE_API_KEY"] = read_dev_key(Path(env["LLMTREE_VAR_DIR"])) or ""
         worker = find_child(up.pid, "--name", "worker-1")
         todo = levels(args, args.concurrency, args.output_tokens, args.requests)
         summaries = drive(url, todo, worker, "(b)")

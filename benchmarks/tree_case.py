@@ -15,6 +15,7 @@ the depth, and timing it alone takes the model's prefill (and its noise) out of 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from procs import Proc, http_ok, wait_for
 from llmtree.bench.loadgen import Level
 from llmtree.bench.stats import Dist, LevelSummary
 from llmtree.config import Settings
+from llmtree.gateway.keys_cli import ensure_dev_key, ensure_jwt_secret
 from llmtree.protocol import GenerateRequest, SamplingParams
 from llmtree.registry import Registry
 from llmtree.tree.client import Peers
@@ -99,6 +101,8 @@ class Chain:
             argv = [PY, str(BENCH_DIR / "forwarder_node.py"), "--name", name, "--parent", parent]
             self._start(name, argv, 120)
         self._start("worker", [*node, "--name", "worker", "--parent", self.names[-2]], 900)
+        self.env["LLMTREE_JWT_SECRET"] = ensure_jwt_secret(self.settings)
+        os.environ["LLMTREE_API_KEY"] = ensure_dev_key(self.settings)  # read by the driver
         self.procs.append(self._spawn("gateway", [PY, "-m", "llmtree", "gateway"]))
 
     def _spawn(self, name: str, argv: list[str]) -> Proc:
@@ -121,7 +125,10 @@ class Chain:
 
     def _probe(self, url: str) -> bool:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=60, trust_env=False)
+        key = {"Authorization": f"Bearer {os.environ['LLMTREE_API_KEY']}"}
+        answer = httpx.post(
+            url + "/v1/chat/completions", json=body, headers=key, timeout=60, trust_env=False
+        )
         return answer.status_code == 200 and answer.json().get("node", "worker") == "worker"
 
     def _placement(self, count: int) -> Dist:

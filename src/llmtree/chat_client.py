@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import httpx
 
 
-def chat_loop(url: str, model: str | None = None) -> int:
+def find_api_key(given: str | None, var_dir: Path) -> str | None:
+    """--api-key, else $LLMTREE_API_KEY, else the dev key `llmtree up` wrote under var_dir."""
+    if given:
+        return given
+    if os.environ.get("LLMTREE_API_KEY"):
+        return os.environ["LLMTREE_API_KEY"]
+    try:
+        return (var_dir / "dev-api-key").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def chat_loop(
+    url: str, model: str | None = None, api_key: str | None = None, var_dir: Path = Path("var")
+) -> int:
     history: list[dict[str, str]] = []
+    key = find_api_key(api_key, var_dir)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     print(f"chatting with {url} (Ctrl-D to leave)")
-    with httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=300.0)) as client:
+    timeout = httpx.Timeout(10.0, read=300.0)
+    with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
         while True:
             try:
                 question = input("you> ").strip()

@@ -8,6 +8,7 @@
     llmtree parent N P                         move a running node under another parent
     llmtree ldap init|start|stop|status        the private slapd
     llmtree chat                               chat in the terminal
+    llmtree keys create|list|revoke            API keys for /v1/* in the chat database
     llmtree bench URL ...                      load test an OpenAI-compatible endpoint
 
 Errors print one line saying what to do and exit 1; nothing prints a traceback at a user.
@@ -185,7 +186,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     settings = make_settings(args)
     url = args.url or f"http://{settings.gateway_host}:{settings.gateway_port}"
-    return chat_loop(url, args.model)
+    return chat_loop(url, args.model, args.api_key, settings.var_dir)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from llmtree.gateway.keys_cli import run_keys
+
+    return run_keys(args, make_settings(args))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -259,7 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat in the terminal")
     chat.add_argument("--url", help="gateway URL (default http://127.0.0.1:8000)")
     chat.add_argument("--model", help="model name")
+    chat.add_argument("--api-key", help="API key (default $LLMTREE_API_KEY, <var>/dev-api-key)")
     chat.set_defaults(func=cmd_chat)
+
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
+    from llmtree.gateway.keys_cli import add_arguments as add_keys_arguments
+
+    add_keys_arguments(keys)
+    keys.set_defaults(func=cmd_keys)
 
     bench = sub.add_parser("bench", help="load test an OpenAI-compatible endpoint")
     from llmtree.bench.cli import add_arguments

@@ -60,6 +60,7 @@ class Launcher:
         self._slapd = PrivateSlapd(settings)
         self._started_slapd = False
         self._logs = settings.var_dir / "logs"
+        self._api_key = ""
 
     # -- the whole run ----------------------------------------------------------------------
     def run(self) -> int:
@@ -101,7 +102,11 @@ class Launcher:
                 self._wait_node(worker)
                 ready.add(worker)
                 pending.remove(worker)
-        self._spawn("gateway", ["gateway"])
+        from llmtree.gateway.keys_cli import ensure_dev_key, ensure_jwt_secret
+
+        jwt_secret = ensure_jwt_secret(self.settings)
+        self._api_key = ensure_dev_key(self.settings)
+        self._spawn("gateway", ["gateway"], {"LLMTREE_JWT_SECRET": jwt_secret})
         self._wait_gateway()
 
     def _ensure_slapd(self) -> None:
@@ -145,12 +150,12 @@ class Launcher:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], extra: dict[str, str] | None = None) -> None:
         child = Child(name, [sys.executable, "-m", "llmtree", *args])
         child.log_path = self._logs / f"{name}.log"
         child.process = subprocess.Popen(
             child.argv,
-            env=self._env(),
+            env={**self._env(), **(extra or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -221,7 +226,9 @@ class Launcher:
             f"root + {self.workers} workers (fanout {self.fanout})",
             f"  web chat:   {url}/",
             f"  API:        {url}/v1/chat/completions  (OpenAI-compatible)",
+            f"  API key:    {self._api_key}  (also in {self.settings.var_dir / 'dev-api-key'})",
             f"  try:        curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-H 'Authorization: Bearer {self._api_key}' "
             '-d \'{"messages":[{"role":"user","content":"What is the capital of France?"}],'
             '"stream":true}\'',
             f"  directory:  ldapsearch -x -H {self.settings.ldap_url} -b {self.settings.nodes_dn}",

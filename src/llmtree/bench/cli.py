@@ -46,6 +46,7 @@ from llmtree.bench.report import error_lines, render_table, write_jsonl
 from llmtree.bench.stats import LevelSummary, RequestRecord
 from llmtree.bench.workload import Span, make_requests
 from llmtree.errors import ConfigError
+from llmtree.gateway.keys_cli import read_dev_key
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 WARMUP_OUTPUT_TOKENS = 16
@@ -78,7 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--warmup", type=int, default=1, metavar="N", help="requests before measuring (1)")
     add("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (0)")
     add("--timeout", type=float, default=600.0, metavar="S", help="longest wait for a read (600)")
-    add("--api-key", metavar="KEY", help="bearer token (default $LLMTREE_API_KEY, $OPENAI_API_KEY)")
+    add(
+        "--api-key",
+        metavar="KEY",
+        help="bearer token (default $LLMTREE_API_KEY, $OPENAI_API_KEY, <var>/dev-api-key)",
+    )
     add("--allow-remote", action="store_true", help="allow a URL that is not on this machine")
 
 
@@ -148,7 +153,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         short = Span(min(output.low, WARMUP_OUTPUT_TOKENS), min(output.low, WARMUP_OUTPUT_TOKENS))
         specs = make_requests(args.warmup, prompt, short, args.seed + 1)
         warmup = Level(specs, concurrency=min(args.warmup, 8), duration_s=args.duration)
-    api_key = args.api_key or os.environ.get("LLMTREE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    api_key = (
+        args.api_key
+        or os.environ.get("LLMTREE_API_KEY")
+        or os.environ.get("OPENAI_API_KEY")
+        or read_dev_key(Path(os.environ.get("LLMTREE_VAR_DIR") or "var"))
+    )
     target = Target(chat_url(args.url), args.model, api_key, args.temperature, args.timeout)
     meta = {
         "url": target.url,

@@ -246,3 +246,84 @@ def test_output_count_mismatch_is_an_error() -> None:
     plan = scheduler.schedule()
     with pytest.raises(ValueError):
         scheduler.update_from_output(plan, [])
+
+
+def test_higher_priority_is_admitted_first_fifo_within_a_priority() -> None:
+    scheduler = make_scheduler(slots=1, budget=100)
+    scheduler.add(make_seq("busy"))
+    scheduler.schedule()  # takes the only slot
+    for name, priority in [("low1", 0), ("high1", 5), ("low2", 0), ("high2", 5), ("mid", 1)]:
+        seq = make_seq(name)
+        seq.priority = priority
+        scheduler.add(seq)
+    assert [s.request_id for s in scheduler.waiting] == ["high1", "high2", "mid", "low1", "low2"]
+    order = []
+    for _ in range(5):
+        running = scheduler.running[0]
+        scheduler.cancel(running.request_id)
+        plan = scheduler.schedule()
+        order.append(plan.prefills[0].seq.request_id)
+    assert order == ["high1", "high2", "mid", "low1", "low2"]
+
+
+def test_negative_priority_waits_behind_the_default() -> None:
+    scheduler = make_scheduler(slots=1)
+    background = make_seq("background")
+    background.priority = -3
+    scheduler.add(background)
+    scheduler.add(make_seq("normal"))
+    plan = scheduler.schedule()
+    assert [c.seq.request_id for c in plan.prefills] == ["normal"]
+
+
+def test_a_request_waiting_past_the_queue_timeout_ends_with_queue_timeout() -> None:
+    scheduler = make_scheduler(slots=1, budget=100)
+    scheduler.add(make_seq("running"))
+    scheduler.schedule()
+    old, new = make_seq("old"), make_seq("new")
+    scheduler.add(old)
+    scheduler.add(new)
+    assert scheduler.expire_waiting(10.0, now=old.arrival_s + 5) == []
+    new.arrival_s = old.arrival_s + 8
+    outputs = scheduler.expire_waiting(10.0, now=old.arrival_s + 11)
+    assert [o.seq.request_id for o in outputs] == ["old"]
+    assert outputs[0].finish_reason == "error" and outputs[0].code == "queue_timeout"
+    assert outputs[0].error is not None and "queue_timeout" in outputs[0].error
+    assert [s.request_id for s in scheduler.waiting] == ["new"]
+    assert scheduler.num_running == 1  # running requests never time out in the queue
+
+
+def test_a_failover_prefix_counts_as_answer_and_its_text_is_not_repeated() -> None:
+    # the first placement produced "Hello world" (ids 1, 2) and was lost; the next one gets
+    # them as a prefix: it prefills prompt + prefix and its first delta continues the text
+    scheduler = make_scheduler(slots=1, budget=100)
+    seq = Sequence("r", [7, 7, 7, 1, 2], SamplingParams(max_tokens=4, temperature=0.0))
+    seq.prefix_len = 2
+    scheduler.add(seq)
+    assert seq.num_question_tokens == 3 and seq.num_answer_tokens == 2
+    plan, outputs = step(scheduler, {"r": 3})
+    assert [(c.start, c.num_tokens) for c in plan.prefills] == [(0, 5)]
+    assert outputs[0].text == "!" and outputs[0].finish_reason is None
+    _, outputs = step(scheduler, {"r": 6})
+    assert outputs[0].text == " more" and outputs[0].finish_reason == "length"
+    assert seq.num_answer_tokens == 4 and seq.output_ids == [3, 6]
+
+
+def test_a_prefix_ending_in_half_a_character_is_completed_not_repeated() -> None:
+    # "Hello" then the first byte of 'é' was streamed (the byte was held back)
+    scheduler = make_scheduler(slots=1, budget=100)
+    seq = Sequence("r", [7, 1, 100], SamplingParams(max_tokens=8, temperature=0.0))
+    seq.prefix_len = 2
+    scheduler.add(seq)
+    _, outputs = step(scheduler, {"r": 101})
+    assert outputs[0].text == "é"
+
+
+def test_a_prefix_holding_back_a_stop_string_start_still_stops() -> None:
+    scheduler = make_scheduler(slots=1, budget=100)
+    params = SamplingParams(max_tokens=8, temperature=0.0, stop=[" STOP"])
+    seq = Sequence("r", [7, 1, 4], params)  # " ST" was held back as a possible stop
+    seq.prefix_len = 2
+    scheduler.add(seq)
+    _, outputs = step(scheduler, {"r": 5})
+    assert outputs[0].text == "" and outputs[0].finish_reason == "stop"

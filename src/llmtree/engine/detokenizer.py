@@ -96,6 +96,15 @@ class TextStream:
         """Adds a generated token; returns ``(text delta, hit a stop string)``."""
         return self._matcher.feed(self._detokenizer.push(token_id), check_stop)
 
+    def prime(self, answer_ids: Sequence[int], min_tokens: int = 0) -> None:
+        """Replays answer tokens already shown by an earlier placement (failover).
+
+        Their text is dropped; what was held back then (a broken character, a possible stop
+        string start) stays held back, so the next token's delta continues the text exactly.
+        """
+        for count, token_id in enumerate(answer_ids, start=1):
+            self.push(token_id, check_stop=count >= min_tokens)
+
     def flush(self) -> str:
         """Everything held back, for an answer that ends without a stop string."""
         text, _ = self._matcher.feed(self._detokenizer.flush(), check=False)

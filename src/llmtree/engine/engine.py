@@ -130,6 +130,12 @@ class Engine:
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="messages")
         max_tokens = request.sampling.max_tokens
+        prefix = request.prefix_ids
+        if len(prefix) >= max_tokens:
+            raise InvalidRequest("'prefix_ids' leaves no tokens to generate", param="prefix_ids")
+        vocab = self._runner.model.vocab_size if self._runner is not None else 0
+        if any(token >= vocab for token in prefix):
+            raise InvalidRequest(f"'prefix_ids' must be below {vocab}", param="prefix_ids")
         if len(prompt_ids) + max_tokens > self.max_model_len:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
@@ -138,7 +144,14 @@ class Engine:
                 "messages or completion.",
                 param="messages",
             )
-        seq = Sequence(request.request_id, prompt_ids, request.sampling)
+        seq = Sequence(
+            request.request_id,
+            prompt_ids + prefix,
+            request.sampling,
+            priority=request.priority,
+            prefix_len=len(prefix),
+            attempt=request.attempt,
+        )
         with self._lock:
             if self._stopping:
                 raise EngineError("the engine is stopping")
@@ -154,9 +167,11 @@ class Engine:
             self._wakeup.notify_all()
             running, waiting = scheduler.num_running, scheduler.num_waiting
         logger.info(
-            "request %s admitted: %d prompt tokens, max_tokens %d (%d running, %d waiting)",
+            "request %s admitted: %d prompt tokens, %d answer tokens before, max_tokens %d"
+            " (%d running, %d waiting)",
             seq.request_id,
             len(prompt_ids),
+            len(prefix),
             max_tokens,
             running,
             waiting,
@@ -222,6 +237,7 @@ class Engine:
                 if self._stopping:
                     break
                 outputs = self._apply_cancels(scheduler)
+                outputs += scheduler.expire_waiting(self._settings.queue_timeout_s)
             self._emit(outputs)  # frees the cache of cancelled slots before they are reused
             self._emit(self._step(scheduler))
         with self._lock:
@@ -270,19 +286,21 @@ class Engine:
             usage = None
             if output.finish_reason is not None:
                 finished.append(seq)
-                usage = make_usage(seq.num_prompt_tokens, seq.num_output_tokens)
-            events.append(
-                make_event(
-                    seq.request_id,
-                    seq.next_event_seq(),
-                    text=output.text,
-                    token_ids=output.token_ids,
-                    finish_reason=output.finish_reason,
-                    node=self._node_name,
-                    usage=usage,
-                    error=output.error,
-                )
+                usage = make_usage(seq.num_question_tokens, seq.num_answer_tokens)
+            event = make_event(
+                seq.request_id,
+                seq.next_event_seq(),
+                text=output.text,
+                token_ids=output.token_ids,
+                finish_reason=output.finish_reason,
+                node=self._node_name,
+                usage=usage,
+                error=output.error,
             )
+            event["attempt"] = seq.attempt
+            if output.code is not None:
+                event["code"] = output.code
+            events.append(event)
         if finished:
             if self._runner is not None:
                 self._runner.release(seq.slot for seq in finished)
@@ -294,8 +312,8 @@ class Engine:
                     "request %s ended: %s, %d prompt + %d completion tokens, %.2f s",
                     seq.request_id,
                     seq.finish_reason,
-                    seq.num_prompt_tokens,
-                    seq.num_output_tokens,
+                    seq.num_question_tokens,
+                    seq.num_answer_tokens,
                     time.monotonic() - seq.arrival_s,
                 )
         try:

@@ -8,7 +8,9 @@ events.
 Each step every running sequence whose prompt is in the cache decodes one token, and prompts
 are prefilled in chunks of at most ``max_prefill_tokens`` per step altogether, so a long prompt
 never stalls the others for longer than one chunk. A waiting sequence is admitted when a slot is
-free; slots are handed out lowest first. Pure Python: no torch here (a test checks).
+free, highest ``priority`` first and in arrival order within a priority; slots are handed out
+lowest first. A sequence that waits longer than the queue timeout ends with an error
+(``expire_waiting``). Pure Python: no torch here (a test checks).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class SequenceOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    code: str | None = None
+    """A machine-readable error code (e.g. ``queue_timeout``) when finish_reason is "error"."""
 
 
 class Scheduler:
@@ -112,10 +116,32 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def add(self, seq: Sequence) -> None:
-        """Queues a new sequence; it is admitted by a later ``schedule`` when a slot is free."""
-        seq.stream = TextStream(self._decode, seq.prompt_ids, seq.sampling.stop)
+        """Queues a new sequence; it is admitted by a later ``schedule`` when a slot is free.
+
+        It goes behind every waiting sequence of the same or a higher priority.
+        """
+        question = seq.prompt_ids[: seq.num_question_tokens]
+        seq.stream = TextStream(self._decode, question, seq.sampling.stop)
+        if seq.prefix_len:
+            seq.stream.prime(seq.prompt_ids[seq.num_question_tokens :], seq.sampling.min_tokens)
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        index = len(self.waiting)
+        while index > 0 and self.waiting[index - 1].priority < seq.priority:
+            index -= 1
+        self.waiting.insert(index, seq)
+
+    def expire_waiting(self, max_wait_s: float, now: float | None = None) -> list[SequenceOutput]:
+        """Ends each sequence that has waited longer than ``max_wait_s`` (code queue_timeout)."""
+        now = time.monotonic() if now is None else now
+        expired = [seq for seq in self.waiting if now - seq.arrival_s > max_wait_s]
+        outputs = [self._finish(seq, "error") for seq in expired]
+        for output in outputs:
+            output.code = "queue_timeout"
+            output.error = (
+                f"queue_timeout: the request waited more than {max_wait_s:g} s for a free slot;"
+                " the service is busy, please retry later"
+            )
+        return outputs
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in self.running:
@@ -195,7 +221,7 @@ class Scheduler:
         is_eos = token_id in self.eos_token_ids and not seq.sampling.ignore_eos
         if stopped or (is_eos and past_min):
             output = self._finish(seq, "stop", flush=not stopped)
-        elif seq.num_output_tokens >= seq.sampling.max_tokens:
+        elif seq.num_answer_tokens >= seq.sampling.max_tokens:
             output = self._finish(seq, "length")
         else:
             output = SequenceOutput(seq)

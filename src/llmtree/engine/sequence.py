@@ -56,9 +56,19 @@ class Sequence:
     stream: TextStream | None = None
     """Turns output ids into text deltas and finds stop strings; set by the scheduler."""
     admitted_s: float = 0.0
+    priority: int = 0
+    """Higher is admitted first; FIFO within one priority."""
+    prefix_len: int = 0
+    """The last ``prefix_len`` prompt ids are answer tokens streamed by an earlier placement
+    (failover): the model reads them as prompt, usage and ``max_tokens`` count them as output."""
+    attempt: int = 0
+    """The root's placement number, copied into every event."""
 
     def __post_init__(self) -> None:
         self.rng = _rng(self.sampling.seed)
+        if not self.is_greedy:  # a seeded sample continues where the earlier placement was
+            for _ in range(self.prefix_len):
+                self.rng.random()
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -67,6 +77,16 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
+
+    @property
+    def num_answer_tokens(self) -> int:
+        """Answer tokens so far, including a failover prefix (what ``max_tokens`` limits)."""
+        return self.prefix_len + len(self.output_ids)
+
+    @property
+    def num_question_tokens(self) -> int:
+        """Prompt tokens without a failover prefix (usage's ``prompt_tokens``)."""
+        return len(self.prompt_ids) - self.prefix_len
 
     @property
     def num_tokens(self) -> int:
@@ -88,7 +108,7 @@ class Sequence:
     @property
     def is_below_min_tokens(self) -> bool:
         """True while ``min_tokens`` forbids ending (EOS is masked, stop strings do not count)."""
-        return len(self.output_ids) < self.sampling.min_tokens
+        return self.num_answer_tokens < self.sampling.min_tokens
 
     @property
     def last_token_id(self) -> int:

@@ -3,9 +3,14 @@
 One shared instance per process (``instance_mode="single"``), called concurrently from Pyro5's
 worker threads, so all state sits behind one lock and no lock is held across a network call.
 
-Roles: the root only forwards, keeps the in-flight table ``request_id -> (sink, serving node)``
-and passes the events the serving nodes deliver to the gateway's sink. A worker serves with its
-engine while it has a free slot, else forwards round robin to its children, else queues.
+Roles: the root only forwards, keeps the in-flight table (``failover.FlightTable``: sink, serving
+node, answer so far) and passes the events the serving nodes deliver to the gateway's sink; it
+re-submits a request whose serving node is lost. A worker serves with its engine while it has a
+free slot, else forwards round robin to its children, else queues.
+
+Children: a child is in the round robin while the directory names this node as its parent or it
+attached itself within the last TTL. A child that cannot be reached is dropped and stays out
+until it attaches itself again (it does on every heartbeat while it lives).
 """
 
 from __future__ import annotations
@@ -15,15 +20,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import Pyro5.api
 
 from llmtree.config import Settings
-from llmtree.errors import InvalidRequest, NodeUnavailable, Overloaded, UnknownNode
+from llmtree.errors import InvalidRequest, LlmTreeError, NodeUnavailable, Overloaded, UnknownNode
 from llmtree.protocol import GenerateRequest, is_valid_event
 from llmtree.tree.client import Peers
+from llmtree.tree.failover import FlightTable
 from llmtree.tree.outbox import Outbox
 from llmtree.tree.routing import Snapshot, plan
 
@@ -52,16 +57,6 @@ class Directory(Protocol):
 
     def lookup(self, name: str) -> Any: ...
     def children(self, name: str) -> list[Any]: ...
-
-
-@dataclass(slots=True)
-class Flight:
-    """The root's record of one request in flight."""
-
-    sink: str
-    node: str | None = None
-    submitted: float = field(default_factory=time.monotonic)
-    last_event: float = field(default_factory=time.monotonic)
 
 
 @Pyro5.api.behavior(instance_mode="single")
@@ -95,7 +90,19 @@ class TreeNode:
         self._reserved = 0
         self._served = 0
         self._serving: dict[str, str] = {}
-        self._flights: dict[str, Flight] = {}
+        self._attached_at: dict[str, float] = {}
+        self._dropped: set[str] = set()
+        self._flights: FlightTable | None = None
+        if engine is None:
+            self._flights = FlightTable(
+                settings,
+                name,
+                place=self._place_again,
+                probe=self._probe,
+                send=self._send_to_sink,
+                lost=self._node_lost,
+                cancel_on=self._cancel_on,
+            )
         self._started = time.monotonic()
         self.uri = ""
         self._outbox = Outbox(self._deliver_to_root, name=f"{name}-outbox")
@@ -130,22 +137,25 @@ class TreeNode:
             return self._place(req)
         if not req.sink:
             raise InvalidRequest("request has no sink to deliver events to", param="sink")
+        assert self._flights is not None
+        req.prefix_ids, req.attempt = [], 0
+        wire = req.to_wire()
+        self._flights.open(req.request_id, wire, req.sink)
         req.root, req.path = self.uri, [self._name]
-        with self._lock:
-            if req.request_id in self._flights:
-                raise InvalidRequest(f"request_id {req.request_id!r} is already in flight")
-            self._flights[req.request_id] = Flight(sink=req.sink)
         try:
             node = self._place(req)
         except BaseException:
-            with self._lock:
-                self._flights.pop(req.request_id, None)
+            self._flights.forget([req.request_id])
             raise
-        with self._lock:
-            if (flight := self._flights.get(req.request_id)) is not None:
-                flight.node = node
+        self._flights.placed(req.request_id, node)
         logger.info("request %s placed on %s", req.request_id, node)
         return node
+
+    def _place_again(self, request: dict[str, Any]) -> str:
+        """Failover: place a lost request again from the root (its prefix rides along)."""
+        req = GenerateRequest.from_wire(request)
+        req.root, req.path = self.uri, [self._name]
+        return self._place(req)
 
     def _place(self, req: GenerateRequest) -> str:
         with self._lock:
@@ -177,7 +187,7 @@ class TreeNode:
                 continue
             except NodeUnavailable as error:
                 logger.warning("child %s unavailable, dropping it: %s", child, error)
-                self.detach_child(child)
+                self._drop_child(child)
         if decision.queue:
             return self._serve(req, reserved=False)
         where = "its children" if self.is_root else f"{self._name} and its children"
@@ -225,19 +235,10 @@ class TreeNode:
             raise InvalidRequest(f"{self._name} is not a root; deliver events to the root")
         if not isinstance(events, list):
             raise InvalidRequest("events must be a list", param="events")
-        by_sink: dict[str, list[dict[str, Any]]] = {}
-        now = time.monotonic()
-        with self._lock:
-            for event in events[:MAX_EVENTS_PER_CALL]:
-                if not is_valid_event(event):
-                    continue
-                flight = self._flights.get(event["request_id"])
-                if flight is None:
-                    continue
-                flight.last_event = now
-                if event["finish_reason"] is not None:
-                    del self._flights[event["request_id"]]
-                by_sink.setdefault(flight.sink, []).append(event)
+        assert self._flights is not None
+        by_sink = self._flights.deliver(
+            [e for e in events[:MAX_EVENTS_PER_CALL] if is_valid_event(e)]
+        )
         for sink, batch in by_sink.items():
             try:
                 self._peers.call(sink, "deliver", batch)
@@ -254,32 +255,59 @@ class TreeNode:
         if not self.is_root:
             assert self._engine is not None
             return self._engine.cancel(request_id)
-        with self._lock:
-            flight = self._flights.get(request_id)
-        if flight is None or flight.node is None:
-            return False
-        uri = self._uri_of(flight.node)
+        assert self._flights is not None
+        node = self._flights.cancel(request_id)
+        if node is None:
+            return False  # unknown, or being placed: it is cancelled once placed
+        return self._cancel_on(node, request_id)
+
+    def _cancel_on(self, node: str, request_id: str) -> bool:
+        uri = self._uri_of(node)
         if uri is None:
             return False
         try:
             return bool(self._peers.call(uri, "cancel", request_id))
         except NodeUnavailable as error:
-            logger.warning(
-                "cancel %s: serving node %s unavailable: %s", request_id, flight.node, error
-            )
+            logger.warning("cancel %s: serving node %s unavailable: %s", request_id, node, error)
             return False
 
     def _cancel_async(self, request_ids: set[str]) -> None:
         def run() -> None:
             for rid in request_ids:
                 self.cancel(rid)
-            with self._lock:
-                for rid in request_ids:
-                    self._flights.pop(rid, None)
+            if self._flights is not None:
+                self._flights.forget(request_ids)
             self._peers.close()
 
         if request_ids:
             threading.Thread(target=run, name="cancel", daemon=True).start()
+
+    # -- failover (root) ---------------------------------------------------------------------
+    def _probe(self, node: str, request_ids: list[str]) -> list[str]:
+        """Which of ``request_ids`` ``node`` still holds; NodeUnavailable if it is gone."""
+        try:
+            uri = self._uri_of(node)
+        except LlmTreeError as error:
+            raise NodeUnavailable(f"cannot find {node}: {error}") from error
+        if uri is None:
+            raise NodeUnavailable(f"{node} is no longer in the directory")
+        held = self._peers.call(uri, "holds", request_ids)
+        return [rid for rid in held if isinstance(rid, str)] if isinstance(held, list) else []
+
+    def _send_to_sink(self, sink: str, events: list[dict[str, Any]]) -> None:
+        self._peers.call(sink, "deliver", events)
+
+    def _node_lost(self, node: str) -> None:
+        """A serving node is gone: out of the round robin, and its URI looked up afresh."""
+        self._drop_child(node)
+
+    @Pyro5.api.expose
+    def holds(self, request_ids: list[str]) -> list[str]:
+        """Worker: the ones of ``request_ids`` it serves now (running or queued)."""
+        if not isinstance(request_ids, list):
+            raise InvalidRequest("request_ids must be a list", param="request_ids")
+        with self._lock:
+            return [rid for rid in request_ids[:MAX_EVENTS_PER_CALL] if rid in self._serving]
 
     # -- the tree's shape -------------------------------------------------------------------
     def _uri_of(self, name: str) -> str | None:
@@ -303,21 +331,35 @@ class TreeNode:
         record = self._directory.lookup(name)
         with self._lock:
             self._uris[name] = str(record.uri)
+            self._attached_at[name] = time.monotonic()
+            self._dropped.discard(name)
             if name not in self._children:
                 self._children = sorted([*self._children, name])
                 logger.info("child %s attached (%s)", name, record.uri)
-        return {"parent": self._name, "root": self.is_root}
+        return {"parent": self._name, "root": self.is_root, "grandparent": self._parent}
 
     @Pyro5.api.expose
     def detach_child(self, name: str) -> bool:
         """Called by a child that leaves or moves, or by this node when a child is gone."""
         with self._lock:
             self._uris.pop(name, None)
+            self._attached_at.pop(name, None)
             if name in self._children:
                 self._children.remove(name)
                 logger.info("child %s detached", name)
                 return True
         return False
+
+    def _drop_child(self, name: str) -> None:
+        """``name`` cannot be reached: out until it attaches itself again."""
+        with self._lock:
+            if name in self._children or name in self._attached_at:
+                self._dropped.add(name)
+        self.detach_child(name)
+
+    def adopt_parent(self, name: str) -> None:
+        """The owning process moved this node under ``name`` (tree repair)."""
+        self._parent = name
 
     @Pyro5.api.expose
     def set_parent(self, name: str) -> dict[str, Any]:
@@ -346,8 +388,13 @@ class TreeNode:
 
     def refresh_children(self, names: list[str]) -> None:
         """Heartbeat: the directory's view of this node's children (sorted: a stable order)."""
+        now = time.monotonic()
         with self._lock:
-            self._children = sorted(set(names))
+            ttl = self._settings.node_ttl_s
+            recent = {n for n, at in self._attached_at.items() if now - at < ttl}
+            for stale in set(self._attached_at) - recent:
+                del self._attached_at[stale]
+            self._children = sorted((set(names) | recent) - self._dropped)
             for gone in set(self._uris) - set(self._children):
                 if gone not in self._serving.values():
                     self._uris.pop(gone, None)
@@ -371,11 +418,16 @@ class TreeNode:
                 "running": engine.num_running if engine else 0,
                 "queued": engine.num_waiting if engine else 0,
                 "served": self._served,
-                "in_flight": len(self._flights) if engine is None else len(self._serving),
+                "in_flight": len(self._flights)
+                if self._flights is not None
+                else len(self._serving),
+                "failovers": self._flights.failovers if self._flights is not None else 0,
                 "model": engine.model_name if engine else "",
                 "uptime_s": round(time.monotonic() - self._started, 1),
                 "uri": self.uri,
             }
 
     def close(self) -> None:
+        if self._flights is not None:
+            self._flights.stop()
         self._outbox.stop()

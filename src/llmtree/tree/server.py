@@ -3,6 +3,11 @@
 ``NodeServer.start()`` checks the directory first (parent exists, name free) so that a bad
 command fails in a second, before the model loads; then it loads the engine, opens the daemon,
 registers, attaches to the parent, and heartbeats until ``stop()``.
+
+The heartbeat also repairs: it re-adds an entry that expired (after a directory outage), and a
+worker whose parent is gone moves under its grandparent (which the parent named when it was
+attached), then back to its own parent once that one returns. While the directory is down the
+node goes on serving from the references it holds; the failure is logged once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import Pyro5.api
 
 from llmtree.config import Settings
-from llmtree.errors import LlmTreeError, NameTaken, NodeUnavailable, UnknownNode
+from llmtree.errors import LlmTreeError, NameTaken, NodeUnavailable, RegistryError, UnknownNode
 from llmtree.metrics import NodeMetrics, start_node_metrics
 from llmtree.registry import NodeRecord, Registry
 from llmtree.tree.client import OBJECT_ID, Peers, configure_pyro
@@ -55,6 +60,12 @@ class NodeServer:
         self._threads: list[threading.Thread] = []
         self.metrics: NodeMetrics | None = None
         self._peers = Peers(settings.call_timeout_s)
+        self._home_parent = parent
+        """The parent this node was started under; it goes back there when it returns."""
+        self._grandparent: str | None = None
+        self._parent_uri: str | None = None
+        self._directory_down = False
+        self._parent_down = False
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> str:
@@ -189,8 +200,16 @@ class NodeServer:
     def _attach(self) -> None:
         if self.parent is None:
             return
-        parent_uri = self.registry.lookup(self.parent).uri
-        self._peers.call(parent_uri, "attach_child", self.name)
+        try:
+            parent_uri = self.registry.lookup(self.parent).uri
+        except RegistryError:
+            if self._parent_uri is None:
+                raise
+            parent_uri = self._parent_uri  # directory down: the reference held
+        result = self._peers.call(parent_uri, "attach_child", self.name)
+        self._parent_uri = parent_uri
+        if isinstance(result, dict) and isinstance(result.get("grandparent"), str):
+            self._grandparent = result["grandparent"]
 
     def _on_engine_events(self, events: list[dict[str, Any]]) -> None:
         if self.node is not None:
@@ -202,8 +221,21 @@ class NodeServer:
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(self.settings.heartbeat_s):
+            if not self.is_root:
+                try:
+                    self._keep_parent()
+                except Exception:
+                    logger.exception("parent check crashed; continuing")
             try:
                 self._heartbeat_once()
+            except RegistryError as error:
+                if not self._directory_down:
+                    logger.warning(
+                        "directory unreachable, serving on from what is known: %s", error
+                    )
+                self._directory_down = True
+                with contextlib.suppress(LlmTreeError):  # fresh connections for the next beat
+                    self.registry.connect(writer=True)
             except LlmTreeError as error:
                 logger.warning("heartbeat failed: %s", error)
             except Exception:
@@ -217,9 +249,54 @@ class NodeServer:
         except UnknownNode:
             logger.warning("entry for %s expired; registering again", self.name)
             self.registry.register(record, is_alive=self._is_alive)
+        if self._directory_down:
+            logger.warning("directory reachable again; entry of %s refreshed", self.name)
+            self._directory_down = False
         self.node.refresh_children([c.name for c in self.registry.children(self.name)])
-        if not self.is_root:
-            try:
-                self._attach()
-            except LlmTreeError as error:
+
+    def _keep_parent(self) -> None:
+        """Attach to the parent; if it is gone, move under the grandparent (and back later)."""
+        home = self._home_parent
+        if home is not None and self.parent != home and self._reachable(home):
+            self._move_to(home)
+            return
+        try:
+            self._attach()
+        except (NodeUnavailable, UnknownNode) as error:
+            if not self._parent_down:
                 logger.warning("parent %s unreachable: %s", self.parent, error)
+            self._parent_down = True
+            target = self._grandparent
+            if target and target not in (self.parent, self.name) and self._reachable(target):
+                self._move_to(target)
+            return
+        except LlmTreeError as error:  # the directory is down and no reference is held
+            logger.debug("cannot attach to %s now: %s", self.parent, error)
+            return
+        if self._parent_down:
+            logger.warning("parent %s reachable again", self.parent)
+            self._parent_down = False
+
+    def _reachable(self, name: str) -> bool:
+        try:
+            return bool(self._peers.call(self.registry.lookup(name).uri, "ping") == "pong")
+        except LlmTreeError:
+            return False
+
+    def _move_to(self, parent: str) -> None:
+        """Tree repair: re-attach under ``parent`` (the directory is updated too)."""
+        assert self.node is not None
+        old, old_uri = self.parent, self._parent_uri
+        self.parent, self._parent_uri = parent, None
+        self.node.adopt_parent(parent)
+        with contextlib.suppress(LlmTreeError):
+            self.registry.set_parent(self.name, parent)
+        try:
+            self._attach()
+        except LlmTreeError as error:
+            logger.warning("could not attach to %s yet: %s", parent, error)
+        if old_uri is not None:
+            with contextlib.suppress(LlmTreeError):
+                self._peers.call(old_uri, "detach_child", self.name)
+        self._parent_down = False
+        logger.warning("moved from parent %s to %s", old, parent)

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     """Requests a worker holds waiting when every slot is busy."""
     call_timeout_s: float = Field(default=5.0, gt=0)
     """Timeout of every Pyro5 call between nodes."""
+    stall_timeout_s: float = Field(default=5.0, gt=0)
+    """The root probes a serving node that sent no event for this long; if it is gone, fail over."""
+    max_retries: int = Field(default=3, ge=0, le=100)
+    """Re-submissions of one request after its serving node died, before it ends with an error."""
+    queue_timeout_s: float = Field(default=120.0, gt=0)
+    """A request waiting in a node's queue longer than this ends with error code queue_timeout."""
 
     # -- engine ------------------------------------------------------------------------------
     model: str = "smollm2"

@@ -10,6 +10,9 @@ Events (node -> root -> gateway) are plain dicts built by ``make_event``::
 
 ``seq`` counts from 0 per request; ``finish_reason`` is None until the one terminal event
 (``stop``, ``length``, ``cancelled`` or ``error``); receivers order by ``seq`` and drop duplicates.
+A serving node's events also carry the request's ``attempt`` (the root drops those of an
+abandoned placement and renumbers ``seq`` so a failed-over stream stays continuous); an ``error``
+event may carry a ``code`` (e.g. ``queue_timeout``, ``retries_exhausted``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ MAX_STOP_STRINGS: Final = 4
 MAX_STOP_CHARS: Final = 64
 MAX_TOKENS_LIMIT: Final = 8192
 MAX_ID_CHARS: Final = 128
+MAX_PRIORITY: Final = 1000
+MAX_TOKEN_ID: Final = 2**31 - 1
+MAX_ATTEMPTS: Final = 1000
 
 
 def _require(ok: bool, message: str, param: str) -> None:
@@ -135,6 +141,12 @@ class GenerateRequest:
     """Pyro5 URI of the root; the serving node sends its events straight there."""
     path: list[str] = field(default_factory=list)
     """Names of the nodes the request passed through, root first."""
+    priority: int = 0
+    """Higher is admitted first where requests wait (FIFO within one priority)."""
+    prefix_ids: list[int] = field(default_factory=list)
+    """Answer tokens already streamed (failover): the engine continues after them."""
+    attempt: int = 0
+    """Which placement of the request this is (the root counts re-submissions)."""
 
     @classmethod
     def from_wire(cls, data: Any) -> GenerateRequest:
@@ -171,6 +183,19 @@ class GenerateRequest:
         sink, root = data.get("sink", ""), data.get("root", "")
         _require(isinstance(sink, str) and len(sink) <= 256, "'sink' must be a URI", "sink")
         _require(isinstance(root, str) and len(root) <= 256, "'root' must be a URI", "root")
+        prefix = data.get("prefix_ids") or []
+        _require(
+            isinstance(prefix, list)
+            and len(prefix) <= MAX_TOKENS_LIMIT
+            and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID
+                for t in prefix
+            ),
+            f"'prefix_ids' must be a list of at most {MAX_TOKENS_LIMIT} token ids",
+            "prefix_ids",
+        )
+        priority = _integer(data, "priority", 0, -MAX_PRIORITY, MAX_PRIORITY) or 0
+        attempt = _integer(data, "attempt", 0, 0, MAX_ATTEMPTS) or 0
         return cls(
             request_id=request_id,
             messages=clean,
@@ -178,6 +203,9 @@ class GenerateRequest:
             sink=sink,
             root=root,
             path=list(path),
+            priority=priority,
+            prefix_ids=list(prefix),
+            attempt=attempt,
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -188,6 +216,9 @@ class GenerateRequest:
             "sink": self.sink,
             "root": self.root,
             "path": self.path,
+            "priority": self.priority,
+            "prefix_ids": self.prefix_ids,
+            "attempt": self.attempt,
         }
 
 

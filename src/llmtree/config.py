@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     """Torch threads for this node; 0 shares the machine's cores among its workers."""
     max_model_len: int = Field(default=2048, ge=64, le=131072)
     """Context window a worker allocates per slot (prompt + answer)."""
+    batch_invariant: bool = False
+    """float32 and no int4 path, so greedy answers do not depend on the batch (slower)."""
 
     # -- gateway -----------------------------------------------------------------------------
     gateway_host: str = "127.0.0.1"

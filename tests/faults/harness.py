@@ -80,6 +80,7 @@ class TreeHarness:
             LLMTREE_STALL_TIMEOUT_S="2",
             LLMTREE_CALL_TIMEOUT_S="2",
             LLMTREE_LOG_LEVEL="INFO",
+            LLMTREE_BATCH_INVARIANT="1",  # greedy answers comparable across batches
             **env,
         )
         self.procs: dict[str, NodeProc] = {}

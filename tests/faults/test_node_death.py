@@ -3,6 +3,10 @@ prefix; then the node restarts and rejoins without restarting anything else.
 
 Tree (the package's ``chain``): root -> w1 -> w2, 24 slots each. 20 greedy streams all run on w1
 (it has free slots), w1 is killed, w2 moves under the root and finishes them.
+
+Greedy output depends on the batch in the default precision (bf16 where the CPU has it, and an
+int4 path for decode steps of at most 8 rows): measured 8/20 answers equal after a failover. The
+fault trees run with ``LLMTREE_BATCH_INVARIANT=1`` (float32, dense weights), which gives 20/20.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def test_sigkill_mid_answer_every_stream_finishes(
         f"all done {recovered_s:.1f} s after the kill; root failovers {status['failovers']}"
     )
     assert finished == 20
+    assert matches >= 18  # batch-invariant mode (float32, no int4): measured 20/20
 
 
 def test_restarted_node_rejoins_and_gets_work(

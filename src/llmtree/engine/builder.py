@@ -82,7 +82,10 @@ def _trim_heap() -> None:
 def build(settings: Settings, progress: Callable[[str], None]) -> BuiltModel:
     """Loads the model named by ``settings.model`` and returns a warmed-up runner."""
     device = choose_device(settings.device)
-    dtype = choose_dtype(settings.dtype, device)
+    # batch-invariant mode: float32 and dense weights, so a greedy answer does not depend on
+    # which requests share its batch (e.g. after a failover re-submission)
+    invariant = settings.batch_invariant
+    dtype = torch.float32 if invariant else choose_dtype(settings.dtype, device)
     configure_threads(settings.torch_threads())
     started = time.monotonic()
     loaded = loader.load(settings.model, settings.model_cache_dir, device, progress)
@@ -93,7 +96,7 @@ def build(settings: Settings, progress: Callable[[str], None]) -> BuiltModel:
     max_model_len = _context_length(settings, loaded.model.config)
     eos_token_ids = _eos_token_ids(loaded.model, chat)
     progress("preparing the model...")
-    forward = LlamaForward(loaded.model, max_model_len, dtype)
+    forward = LlamaForward(loaded.model, max_model_len, dtype, allow_int4=not invariant)
     loaded.model = None  # the forward holds the weights now
     _trim_heap()
     runner = ModelRunner(forward, settings.slots, max_model_len, eos_token_ids)

@@ -112,8 +112,13 @@ class LlamaForward:
     Takes the weights out of ``hf_model`` (which is emptied) and casts them to ``dtype``.
     """
 
-    def __init__(self, hf_model: Any, max_len: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, hf_model: Any, max_len: int, dtype: torch.dtype, allow_int4: bool = True
+    ) -> None:
+        """``allow_int4`` False keeps every weight dense (a row's numbers then never depend on
+        how many sequences decode beside it)."""
         config = hf_model.config
+        self._allow_int4 = allow_int4
         check_supported(config)
         inner = hf_model.model
         self.num_heads: int = config.num_attention_heads
@@ -156,7 +161,7 @@ class LlamaForward:
         weight = _cat(*(m.weight for m in modules))
         assert weight is not None
         bias = _cat(*(m.bias for m in modules))
-        return Linear(weight, bias, self.dtype, self._pack, allow_int4=True)
+        return Linear(weight, bias, self.dtype, self._pack, allow_int4=self._allow_int4)
 
     def _layer(self, layer: Any) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp

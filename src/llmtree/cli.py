@@ -10,6 +10,7 @@
     llmtree chat                               chat in the terminal
     llmtree keys create|list|revoke            API keys for /v1/* in the chat database
     llmtree bench URL ...                      load test an OpenAI-compatible endpoint
+    llmtree certs init | issue NAME            the project CA and TLS certificates
 
 Errors print one line saying what to do and exit 1; nothing prints a traceback at a user.
 """
@@ -59,11 +60,16 @@ def make_settings(args: argparse.Namespace, **fields: Any) -> Settings:
     if getattr(args, "ldap_url", None):
         overrides["ldap_url"] = args.ldap_url
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"bad setting {where}: {first['msg']}") from None
+    if settings.tls and getattr(args, "command", None) != "certs":
+        from llmtree.tree.client import configure_tls
+
+        configure_tls(settings)  # every Pyro5 daemon and proxy of this process: mutual TLS
+    return settings
 
 
 def check_name(name: str, what: str = "node name") -> str:
@@ -128,6 +134,16 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     configure_logging("[up]", args.log_level)
+    if args.tls:
+        from llmtree.certs import ensure_local
+
+        issued = ensure_local(Settings().certs_path)
+        os.environ["LLMTREE_TLS"] = "1"  # the launcher's children inherit it
+        os.environ["LLMTREE_TLS_CERT"], os.environ["LLMTREE_TLS_KEY"] = (
+            str(issued.cert.resolve()),
+            str(issued.key.resolve()),
+        )
+        os.environ["LLMTREE_TLS_CA"] = str((issued.cert.parent / "ca.crt").resolve())
     settings = make_settings(
         args, model=args.model, slots=args.slots, gateway_port=args.port, threads=args.threads
     )
@@ -195,6 +211,24 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return run_keys(args, make_settings(args))
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from llmtree.certs import describe, init_ca, issue
+
+    directory = make_settings(args).certs_path
+    if args.action == "init":
+        paths = init_ca(directory, force=args.force)
+        print(f"created the project CA {describe(paths.cert)}")
+    elif args.action == "issue":
+        if not args.name:
+            raise ConfigError("give the certificate's NAME: llmtree certs issue NAME")
+        issued = issue(directory, args.name, args.host)
+        print(f"issued {describe(issued.cert)}; key {issued.key} (mode 0600)")
+    else:
+        for path in sorted(directory.glob("*.crt")):
+            print(describe(path))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from llmtree.bench.cli import run_bench
 
@@ -219,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--slots", type=int, help="requests each worker serves at once")
     up.add_argument("--threads", type=int, help="torch threads per worker (default: share cores)")
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
+    up.add_argument("--tls", action="store_true", help="mutual TLS between all processes")
     up.set_defaults(func=cmd_up)
 
     node = sub.add_parser("node", help="run one node")
@@ -274,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_arguments(keys)
     keys.set_defaults(func=cmd_keys)
+
+    certs = sub.add_parser("certs", help="the project CA and TLS certificates")
+    certs.add_argument("action", choices=["init", "issue", "list"])
+    certs.add_argument("name", nargs="?", help="issue: the node or gateway name")
+    certs.add_argument("--host", action="append", default=[], help="issue: an extra address")
+    certs.add_argument("--force", action="store_true", help="init: replace an existing CA")
+    certs.set_defaults(func=cmd_certs)
 
     bench = sub.add_parser("bench", help="load test an OpenAI-compatible endpoint")
     from llmtree.bench.cli import add_arguments

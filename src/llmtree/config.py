@@ -95,6 +95,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     """Largest request body the gateway accepts."""
 
+    # -- TLS between processes -----------------------------------------------------------------
+    tls: bool = False
+    """Run every Pyro5 connection (node-node, gateway-root, root-sink) over mutual TLS."""
+    certs_dir: Path | None = None
+    """Where `llmtree certs` keeps the project CA and certificates; default <var_dir>/certs."""
+    tls_cert: Path | None = None
+    """This process's certificate (PEM); default <certs_dir>/node.crt."""
+    tls_key: Path | None = None
+    """The private key of tls_cert (PEM); default <certs_dir>/node.key."""
+    tls_ca: Path | None = None
+    """The CA whose certificates peers must present; default <certs_dir>/ca.crt."""
+
     # -- accounts and chat history -------------------------------------------------------------
     database_url: str = ""
     """SQLAlchemy async URL of the chat database; empty: sqlite+aiosqlite:///<var_dir>/llmtree.db."""
@@ -124,6 +136,18 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.model_cache if self.model_cache is not None else self.var_dir / "models"
+
+    @property
+    def certs_path(self) -> Path:
+        return self.certs_dir if self.certs_dir is not None else self.var_dir / "certs"
+
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        """(certificate, key, CA) this process uses when ``tls`` is on."""
+        return (
+            self.tls_cert or self.certs_path / "node.crt",
+            self.tls_key or self.certs_path / "node.key",
+            self.tls_ca or self.certs_path / "ca.crt",
+        )
 
     @property
     def service_dn(self) -> str:

@@ -10,6 +10,7 @@
     llmtree chat                               chat in the terminal
     llmtree keys create|list|revoke            API keys for /v1/* in the chat database
     llmtree bench URL ...                      load test an OpenAI-compatible endpoint
+    llmtree simulate [--nodes N] [--fanout K]  a discrete-event model of a large tree
     llmtree certs init | issue NAME            the project CA and TLS certificates
 
 Errors print one line saying what to do and exit 1; nothing prints a traceback at a user.
@@ -236,6 +237,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return result
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from llmtree.sim.cli import run_simulate
+
+    return run_simulate(args)
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmtree", description=__doc__.split("\n\n")[0])
@@ -322,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    simulate = sub.add_parser("simulate", help="simulate a large tree (queueing, load spread)")
+    from llmtree.sim.cli import add_arguments as add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(func=cmd_simulate)
     return parser
 
 

@@ -90,8 +90,18 @@ def plot_calibration() -> None:
     curve = ThroughputCurve(points)
     ks = list(range(1, 33))
     fig, left = plt.subplots(figsize=(7, 4.2))
-    left.plot(ks, [curve.aggregate(k) for k in ks], color="tab:blue", label="R(k), batch total")
+    left.plot(ks, [curve.aggregate(k) for k in ks], color="tab:blue", label="R(k) used (measured)")
     left.scatter([k for k, _ in points], [r for _, r in points], color="tab:blue", zorder=3)
+    check = load_calibration()["cross-check points"]
+    left.scatter(
+        [p["concurrency"] for p in check],
+        [p["output_tokens_per_s"] for p in check],
+        facecolors="none",
+        edgecolors="black",
+        zorder=4,
+        label="make bench, docs/benchmarks.md",
+    )
+    left.legend(loc="center right", fontsize=8)
     left.set_xlabel("requests in the batch (k)")
     left.set_ylabel("output tokens/s, whole batch", color="tab:blue")
     right = left.twinx()

@@ -104,7 +104,7 @@ def test_seed_placer_matches_plan_on_a_snapshot() -> None:
     assert calls[0] == 3
 
 
-@pytest.mark.parametrize("policy", ["seed", "p2c", "p2c+sent", "least-loaded"])
+@pytest.mark.parametrize("policy", ["seed", "p2c", "p2c+sent", "least-loaded", "weighted-rr"])
 def test_every_arrival_is_served_or_refused(policy: str) -> None:
     config = SimConfig(
         nodes=30, fanout=2, policy=policy, load=1.4, max_queue=4, duration_s=30.0, warmup_s=5.0
@@ -129,7 +129,8 @@ def _uneven(policy: str, heartbeat_s: float) -> SimResult:
 
 def test_load_aware_policies_spread_load_more_evenly_than_seed() -> None:
     seed = _uneven("seed", 2.0)
-    for policy, heartbeat in (("p2c", 0.0), ("p2c+sent", 2.0), ("least-loaded", 0.0)):
+    aware_policies = (("p2c", 0.0), ("p2c+sent", 2.0), ("least-loaded", 0.0), ("weighted-rr", 2.0))
+    for policy, heartbeat in aware_policies:
         aware = _uneven(policy, heartbeat)
         assert aware.utilisation_cv < seed.utilisation_cv, policy
         assert aware.served_max_over_min is not None

@@ -108,7 +108,7 @@ def configs(args: argparse.Namespace) -> list[SimConfig]:
 
 def render_table(results: list[SimResult]) -> Table:
     table = Table(title="llmtree simulate", title_justify="left")
-    heads = ["nodes", "K", "depth", "policy", "load", "offered/s", "done/s", "refused", "queued"]
+    heads = ["nodes", "K", "depth", "policy", "load", "offered/s", "served/s", "refused", "queued"]
     heads += ["wait p50 s", "wait p99 s", "e2e p50 s", "e2e p99 s", "util", "util CV"]
     heads += ["served max/min", "events", "wall s"]
     for head in heads:

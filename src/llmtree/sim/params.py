@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from llmtree.errors import ConfigError
 
-POLICIES = ("seed", "p2c", "p2c+sent", "least-loaded")
+POLICIES = ("seed", "p2c", "p2c+sent", "least-loaded", "weighted-rr")
 OUTPUT_DISTRIBUTIONS = ("fixed", "uniform", "exponential")
 SERVICE_MODELS = ("measured", "constant")
 
@@ -24,7 +24,8 @@ class SimConfig:
     max_queue: int = 64
     """Requests a node holds waiting beyond its slots, ``LLMTREE_MAX_QUEUE``."""
     policy: str = "seed"
-    """``seed`` (the real rule), ``p2c``, ``p2c+sent`` or ``least-loaded`` (placement.py)."""
+    """``seed`` (the real rule) or an alternative: ``p2c``, ``p2c+sent``, ``least-loaded``,
+    ``weighted-rr`` (placement.py)."""
     load: float = 0.8
     """Offered load as a multiple of the tree's capacity; ignored when ``rate`` is set."""
     rate: float | None = None

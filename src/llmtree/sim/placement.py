@@ -15,6 +15,8 @@ bounded queue has room, else refuses (``Overloaded``). They differ in which chil
   rest in round-robin order.
 * ``p2c+sent``: p2c over the report plus the requests this node sent that child since the
   report came (what a parent knows for certain between heartbeats).
+* ``weighted-rr``: the seed rule with each child weighted by its subtree's size (smooth
+  weighted round robin, as nginx does it); no load reports at all.
 * ``least-loaded``: the child whose subtree reported the lowest load first (O(fan-out) a hop),
   then the rest in round-robin order.
 
@@ -42,6 +44,8 @@ def make_placer(
         return _seed(state, calls)
     if policy == "reference-seed":
         return _reference_seed(state, calls)
+    if policy == "weighted-rr":
+        return _weighted_round_robin(state, calls)
     return _load_aware(state, policy, rng, calls, fresh)
 
 
@@ -167,6 +171,41 @@ def _load_aware(
             next_child[n] = (start + 1) % width
             for child in kids[start:] + kids[:start]:
                 if child != first and child != second:
+                    served = visit(child)
+                    if served >= 0:
+                        return served
+        return n if n else -1
+
+    return lambda: visit(0)
+
+
+def _weighted_round_robin(state: TreeState, calls: list[int]) -> Placer:
+    children, size = state.tree.children, state.tree.size
+    occ, sub_occ, sub_cap, slots = state.occ, state.sub_occ, state.sub_cap, state.slots
+    credit = [0] * len(children)
+
+    def visit(n: int) -> int:
+        if sub_occ[n] >= sub_cap[n]:
+            calls[0] += size[n]
+            return -1
+        if n:
+            calls[0] += 1
+            if occ[n] < slots:
+                return n
+        kids = children[n]
+        if kids:
+            total = size[n] - (1 if n else 0)
+            best = kids[0]
+            for child in kids:
+                credit[child] += size[child]
+                if credit[child] > credit[best]:
+                    best = child
+            credit[best] -= total
+            served = visit(best)
+            if served >= 0:
+                return served
+            for child in kids:
+                if child != best:
                     served = visit(child)
                     if served >= 0:
                         return served

@@ -45,7 +45,11 @@ class SimResult:
     measured: int
     rejected_fraction: float
     throughput_rps: float
+    """Requests of the window that were served, per second of the window (goodput)."""
     tokens_per_s: float
+    completed_in_window_rps: float
+    """Completions that fell inside the window, per second: below ``throughput_rps`` while
+    queues are still filling up."""
     queued_fraction: float
     queue_delay_p50_s: float
     queue_delay_p90_s: float
@@ -116,8 +120,9 @@ def summarize(
         arrivals=len(out.arrivals),
         measured=measured,
         rejected_fraction=float((in_window & (node < 0)).sum() / measured) if measured else 0.0,
-        throughput_rps=float(done.sum() / window),
-        tokens_per_s=float(np.asarray(out.work)[done].sum() / window),
+        throughput_rps=float(placed.sum() / window),
+        tokens_per_s=float(np.asarray(out.work)[placed].sum() / window),
+        completed_in_window_rps=float(done.sum() / window),
         queued_fraction=float((start > arrival)[placed].mean()) if placed.any() else 0.0,
         queue_delay_p50_s=pct(delay, 50),
         queue_delay_p90_s=pct(delay, 90),

@@ -1,9 +1,10 @@
 """The web UI: pages and static files from ``web/`` and the security headers every response carries.
 
-Routes: ``/`` (the chat app), ``/directory`` (the LDAP directory as a live tree),
-``/manifest.webmanifest`` (install as an app) and ``/static/...`` (scripts, styles, icons and the
-vendored libraries). Nothing is inline, so the Content-Security-Policy forbids inline script and
-style. Static files are revalidated on each load (``no-cache`` + ETag, 304 when unchanged).
+Routes: ``/`` and ``/c/<chat id>`` (the chat app), ``/directory`` (the LDAP directory as a live
+tree), ``/manifest.webmanifest`` (install as an app), ``/static/...`` (``web/static``: scripts,
+styles, icons) and ``/static/vendor/...`` (``web/vendor``: marked, DOMPurify and highlight.js from
+npm). Nothing is inline, so the Content-Security-Policy forbids inline script and style. Static
+files are revalidated on each load (``no-cache`` + ETag, 304 when unchanged).
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def mount_web(app: FastAPI) -> None:
     async def index() -> FileResponse:
         return _file(PAGES["/"], "text/html; charset=utf-8")
 
+    @app.get("/c/{chat_id}", include_in_schema=False)
+    async def chat_page(chat_id: str) -> FileResponse:
+        return _file(PAGES["/"], "text/html; charset=utf-8")  # the app opens the chat itself
+
     @app.get("/directory", include_in_schema=False)
     async def directory() -> FileResponse:
         return _file(PAGES["/directory"], "text/html; charset=utf-8")
@@ -90,4 +95,5 @@ def mount_web(app: FastAPI) -> None:
 
     # StaticFiles refuses paths outside the folder and answers If-None-Match with 304;
     # its 404 goes through the app's handler, so it is OpenAI-shaped like every other error.
+    app.mount("/static/vendor", StaticFiles(directory=web_dir() / "vendor"), name="vendor")
     app.mount("/static", StaticFiles(directory=web_dir() / "static"), name="static")

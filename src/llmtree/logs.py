@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -94,7 +95,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_json(node: str, level: str) -> None:
-    """Send every log record of this process to stderr as JSON lines."""
+    """Send every log record of this process to stderr as JSON lines.
+
+    Python warnings become log records too, and progress bars (model loading) are turned off, so
+    that nothing else reaches stderr as plain text.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.captureWarnings(True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(ContextFilter(node))

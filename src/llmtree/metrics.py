@@ -64,9 +64,14 @@ MAX_TRACKED = 100_000
 
 
 class RequestMetrics:
-    """The per-request series in ``registry``; labelled ``node=<name>`` when ``node`` is given."""
+    """The per-request series in ``registry``; labelled ``node=<name>`` when ``node`` is given.
 
-    def __init__(self, registry: CollectorRegistry, node: str | None = None) -> None:
+    ``queue`` False leaves the queue-time histogram out (the gateway shows the nodes' instead).
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, node: str | None = None, queue: bool = True
+    ) -> None:
         labels = ("node",) if node else ()
         self._node = node
 
@@ -79,7 +84,11 @@ class RequestMetrics:
         self.ttft = histogram(TTFT, "Time to first token, from arrival.", TTFT_BUCKETS)
         self.itl = histogram(ITL, "Time between two generated tokens.", ITL_BUCKETS)
         self.e2e = histogram(E2E, "Arrival to the last token of a request.", E2E_BUCKETS)
-        self.queue = histogram(QUEUE, "Time a request waited before its first step.", QUEUE_BUCKETS)
+        self.queue = (
+            histogram(QUEUE, "Time a request waited before its first step.", QUEUE_BUCKETS)
+            if queue
+            else None
+        )
         self.prompt_tokens = counter(PROMPT_TOKENS, "Prompt tokens of finished requests.")
         self.generation_tokens = counter(GENERATION_TOKENS, "Tokens generated.")
         self.success = counter(SUCCESS, "Finished requests by finish reason.", ("finished_reason",))
@@ -99,7 +108,8 @@ class RequestMetrics:
         self._labels(self.e2e).observe(max(0.0, seconds))
 
     def observe_queue(self, seconds: float) -> None:
-        self._labels(self.queue).observe(max(0.0, seconds))
+        if self.queue is not None:
+            self._labels(self.queue).observe(max(0.0, seconds))
 
     def count_generated(self, tokens: int) -> None:
         if tokens > 0:
@@ -152,12 +162,12 @@ class RequestTimers:
         if count <= 0:
             return
         now = time.monotonic() if now is None else now
+        self.metrics.count_generated(count)
         with self._lock:
             timer = self._timers.get(request_id)
-            if timer is None:
+            if timer is None:  # already ended: a late delivery of an earlier event
                 return
             last, timer.last_token = timer.last_token, now
-        self.metrics.count_generated(count)
         if last is None:
             self.metrics.observe_ttft(now - timer.arrival)
             return

@@ -123,7 +123,7 @@ class GatewayMetrics:
 
     def __init__(self, root: RootClient, timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = RequestMetrics(self.registry)
+        self.requests = RequestMetrics(self.registry, queue=False)
         self.timers = RequestTimers(self.requests)
         self.registry.register(_TreeCollector(self))
         self._root = root

@@ -129,10 +129,10 @@ class EventSink:
             with self._lock:
                 stream = self._streams.get(event["request_id"])
             if stream is not None:
+                if self.observer is not None:  # first: the reader may close the stream at once
+                    self.observer.event(event)
                 stream.push_threadsafe(event)
                 delivered += 1
-                if self.observer is not None:
-                    self.observer.event(event)
         return delivered
 
 

@@ -18,13 +18,13 @@ from sqlalchemy import func, select
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from chatapi import Gateway, WebUser, answer_text
 from llmtree.config import Settings
 from llmtree.gateway.db import Database
 from llmtree.gateway.db.models import ApiKey, Chat, Message
-from pgserver import PrivatePostgres
 
+from chatapi import Gateway, WebUser, answer_text
 from cluster import REPO, Proc, free_port, llmtree_env, wait_for
+from pgserver import PrivatePostgres
 
 pytestmark = [pytest.mark.ldap, pytest.mark.model, pytest.mark.slow]
 

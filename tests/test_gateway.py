@@ -13,18 +13,22 @@ from llmtree.config import Settings
 from llmtree.gateway.sink import RequestStream
 from llmtree.protocol import make_event
 
+from chatapi import JWT_SECRET, WebUser
 from cluster import Proc, free_port, llmtree_env, wait_for
 
 
 @pytest.fixture(scope="module")
 def gateway(slapd_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     logs = tmp_path_factory.mktemp("gw-logs")
+    database = tmp_path_factory.mktemp("gw-db") / "llmtree.db"
     root_port, http_port = free_port(), free_port()
     env = llmtree_env(
         slapd_settings,
         LLMTREE_ROOT_PORT=str(root_port),
         LLMTREE_ROOT_NAME="gwroot",
         LLMTREE_GATEWAY_PORT=str(http_port),
+        LLMTREE_JWT_SECRET=JWT_SECRET,
+        LLMTREE_DATABASE_URL=f"sqlite+aiosqlite:///{database}",
     )
     root = Proc("gwroot", ["node", "--name", "gwroot", "--root"], env, logs)
     gw = Proc("gateway", ["gateway"], env, logs)
@@ -41,15 +45,31 @@ def gateway(slapd_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
 pytestmark = pytest.mark.ldap
 
 
+@pytest.fixture(scope="module")
+def auth(gateway: str) -> dict[str, str]:
+    """An API key of a freshly registered user, as the header /v1/* needs."""
+    user = WebUser(gateway).signup()
+    secret = user.client.post("/api/keys", json={"name": "test"}).json()["secret"]
+    user.close()
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def test_v1_needs_an_api_key(gateway: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    for headers in ({}, {"Authorization": "Bearer llmt-not-a-key"}):
+        r = httpx.post(f"{gateway}/v1/chat/completions", json=body, headers=headers, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_not_ready_without_workers(gateway: str) -> None:
     r = httpx.get(f"{gateway}/readyz")
     assert r.status_code == 503
     assert "no serving nodes" in r.json()["error"]["message"]
 
 
-def test_overloaded_is_503_with_retry_after(gateway: str) -> None:
+def test_overloaded_is_503_with_retry_after(gateway: str, auth: dict[str, str]) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    r = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=10)
+    r = httpx.post(f"{gateway}/v1/chat/completions", json=body, headers=auth, timeout=10)
     assert r.status_code == 503
     assert r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "overloaded"
@@ -72,8 +92,8 @@ def test_unknown_route_is_openai_shaped(gateway: str) -> None:
         b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}',
     ],
 )
-def test_bad_bodies_are_400(gateway: str, body: bytes) -> None:
-    r = httpx.post(f"{gateway}/v1/chat/completions", content=body, timeout=10)
+def test_bad_bodies_are_400(gateway: str, auth: dict[str, str], body: bytes) -> None:
+    r = httpx.post(f"{gateway}/v1/chat/completions", content=body, headers=auth, timeout=10)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
 

@@ -327,7 +327,7 @@ class Turn:
                         outcome = ("complete", None, None)
                     elif reason == "cancelled":
                         outcome = ("interrupted", None, None)
-                    elif event.get("timeout"):
+                    elif event.get("timeout") or event.get("code") == "queue_timeout":
                         outcome = ("failed", "queue_timeout", POLITE["queue_timeout"])
                     else:
                         logger.warning("%s: %s", self.request_id, event.get("error"))

@@ -211,3 +211,17 @@ def test_body_reader_bounds(raw: bytes, declared: str | None, fragment: str) -> 
     with pytest.raises(InvalidRequest) as info:
         asyncio.run(read_json(Request(scope, receive), max_bytes=1024))
     assert fragment in info.value.message
+
+
+def test_integral_numbers_count_as_integers_but_nothing_else_does() -> None:
+    chat = parse_chat_request(body(max_tokens=3.0, top_k=2.0, seed=1e3, n=1.0))
+    assert (chat.max_tokens, chat.top_k, chat.seed, chat.n) == (3, 2, 1000, 1)
+    for bad in (3.5, "3", True):
+        assert refused(body(max_tokens=bad)).param == "max_tokens"
+
+
+def test_a_message_names_the_place_without_pydantic_internals() -> None:
+    error = refused(body(messages=[user([{"type": "image_url"}])]))
+    assert error.param == "messages"
+    assert error.message.startswith("messages.0.content.0.type:"), error.message
+    assert "constrained" not in refused(body(messages=[user(5)])).message

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from llmtree.errors import InvalidRequest
 from llmtree.protocol import (
@@ -28,9 +35,20 @@ MAX_MODEL_CHARS: Final = 256
 MAX_TOP_K: Final = 1_000_000
 SEED_MIN: Final = -(2**63)
 SEED_MAX: Final = 2**63 - 1
+MIN_TOP_P: Final = 1e-6
+_UNION_TAGS: Final = frozenset({"str", "int", "float", "bool", "list", "none"})
 
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer; so do we (strict mode still refuses 3.5, "3", true)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integral = BeforeValidator(_integral)  # after the bounds, so the schema shows them
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), Integral]
 
 
 class ContentPart(BaseModel):
@@ -81,12 +99,14 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: TokenCount | None = None
     max_completion_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    top_p: float | None = Field(default=None, ge=MIN_TOP_P, le=1.0)
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K), Integral] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), Integral] | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    n: int | None = Field(default=1, ge=1, le=1, description="only 1 is supported")
-    min_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
+    n: Annotated[int, Field(ge=1, le=1), Integral] | None = Field(
+        default=1, description="only 1 is supported"
+    )
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT), Integral] | None = None
     ignore_eos: bool | None = None
     logprobs: bool | None = Field(default=None, description="not supported: only false")
     tools: list[Any] | None = Field(default=None, description="not supported: only empty")
@@ -157,8 +177,12 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     try:
         chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as error:
-        first = error.errors()[0]
-        loc = [str(part) for part in first.get("loc", ())]
+        first = max(error.errors(), key=lambda e: len(e.get("loc", ())))  # deepest branch
+        loc = [
+            str(part)
+            for part in first.get("loc", ())
+            if isinstance(part, int) or (str(part).isidentifier() and part not in _UNION_TAGS)
+        ]
         where = ".".join(loc)
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         param = loc[0] if loc else None

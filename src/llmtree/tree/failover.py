@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ MAX_PLACE_FAILURES = 20
 """Failed re-placements (e.g. every queue full) before a lost request ends with an error."""
 REPLACE_DELAY_S = 0.5
 """Pause before trying again to place a lost request that found no room."""
+MAX_ORPHANS = 4096
+"""Orphans (events of requests no longer in the table) remembered, so each is cancelled once."""
 
 Place = Callable[[dict[str, Any]], str]
 Probe = Callable[[str, list[str]], list[str]]
@@ -134,6 +137,7 @@ class FlightTable:
         self._cancel_on = cancel_on
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}
+        self._orphans: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._stopped = threading.Event()
         self.failovers = 0
         """Re-placements made so far (status shows it)."""
@@ -181,20 +185,55 @@ class FlightTable:
             flight.cancelled = True
             return flight.node
 
-    def deliver(self, events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-        """Valid events from serving nodes -> the ones to pass on, grouped by sink."""
+    def abandon_sink(self, sink: str) -> list[tuple[str | None, str]]:
+        """The sink is gone: marks its requests cancelled; returns (node, request_id) of each."""
+        with self._lock:
+            found = [
+                (flight.node, rid)
+                for rid, flight in self._flights.items()
+                if flight.sink == sink and not flight.cancelled
+            ]
+            for _, rid in found:
+                self._flights[rid].cancelled = True
+        return found
+
+    def deliver(
+        self, events: list[dict[str, Any]]
+    ) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, str]]]:
+        """Valid events from serving nodes -> the ones to pass on, grouped by sink, and the
+        (node, request_id) of orphans: requests a node still runs that nobody waits for."""
         by_sink: dict[str, list[dict[str, Any]]] = {}
+        orphans: list[tuple[str, str]] = []
         now = time.monotonic()
         with self._lock:
             for event in events:
-                flight = self._flights.get(event["request_id"])
-                if flight is None:
+                rid, node = event["request_id"], event.get("node")
+                flight = self._flights.get(rid)
+                if flight is None or event.get("attempt", 0) != flight.attempt:
+                    if (
+                        event["finish_reason"] is None
+                        and isinstance(node, str)
+                        and node
+                        and (flight is None or node != flight.node)
+                        and self._orphan(node, rid)
+                    ):
+                        orphans.append((node, rid))
                     continue
                 for ready in flight.accept(event, now):
                     if ready["finish_reason"] is not None:
                         del self._flights[event["request_id"]]
                     by_sink.setdefault(flight.sink, []).append(ready)
-        return by_sink
+        return by_sink, orphans
+
+    def _orphan(self, node: str, request_id: str) -> bool:
+        """True the first time (node, request_id) is seen as an orphan (under the lock)."""
+        key = (node, request_id)
+        if key in self._orphans:
+            return False
+        self._orphans[key] = None
+        if len(self._orphans) > MAX_ORPHANS:
+            self._orphans.popitem(last=False)
+        return True
 
     # -- failover ----------------------------------------------------------------------------
     def _monitor(self) -> None:

@@ -25,7 +25,14 @@ from typing import Any, Protocol
 import Pyro5.api
 
 from llmtree.config import Settings
-from llmtree.errors import InvalidRequest, LlmTreeError, NodeUnavailable, Overloaded, UnknownNode
+from llmtree.errors import (
+    InvalidRequest,
+    LlmTreeError,
+    NodeUnavailable,
+    Overloaded,
+    RegistryError,
+    UnknownNode,
+)
 from llmtree.protocol import GenerateRequest, is_valid_event
 from llmtree.tree.client import Peers
 from llmtree.tree.failover import FlightTable
@@ -236,15 +243,18 @@ class TreeNode:
         if not isinstance(events, list):
             raise InvalidRequest("events must be a list", param="events")
         assert self._flights is not None
-        by_sink = self._flights.deliver(
+        by_sink, orphans = self._flights.deliver(
             [e for e in events[:MAX_EVENTS_PER_CALL] if is_valid_event(e)]
         )
+        if orphans:  # e.g. a node that was cut off and came back: its work is not wanted
+            logger.info("cancelling %d orphaned requests", len(orphans))
+            self._cancel_async(list(orphans))
         for sink, batch in by_sink.items():
             try:
                 self._peers.call(sink, "deliver", batch)
             except NodeUnavailable as error:
                 logger.warning("sink %s unavailable, cancelling its requests: %s", sink, error)
-                self._cancel_async({e["request_id"] for e in batch if not e["finish_reason"]})
+                self._cancel_async(self._flights.abandon_sink(sink))
         return sum(len(batch) for batch in by_sink.values())
 
     @Pyro5.api.expose
@@ -271,15 +281,17 @@ class TreeNode:
             logger.warning("cancel %s: serving node %s unavailable: %s", request_id, node, error)
             return False
 
-    def _cancel_async(self, request_ids: set[str]) -> None:
+    def _cancel_async(self, targets: list[tuple[str | None, str]]) -> None:
+        """Cancels each (node, request_id) from a thread of its own (None: not placed yet; the
+        flight is marked cancelled and is cancelled once placed)."""
+
         def run() -> None:
-            for rid in request_ids:
-                self.cancel(rid)
-            if self._flights is not None:
-                self._flights.forget(request_ids)
+            for node, rid in targets:
+                if node is not None:
+                    self._cancel_on(node, rid)
             self._peers.close()
 
-        if request_ids:
+        if any(node is not None for node, _ in targets):
             threading.Thread(target=run, name="cancel", daemon=True).start()
 
     # -- failover (root) ---------------------------------------------------------------------
@@ -328,14 +340,23 @@ class TreeNode:
         """Called by a node that names this one as its parent; it must be in the directory."""
         if not isinstance(name, str) or name == self._name:
             raise InvalidRequest("a node cannot be its own child", param="name")
-        record = self._directory.lookup(name)
+        try:
+            uri = str(self._directory.lookup(name).uri)
+        except UnknownNode:
+            raise
+        except RegistryError:  # directory down: a child known already may stay
+            with self._lock:
+                known = self._uris.get(name)
+            if known is None:
+                raise
+            uri = known
         with self._lock:
-            self._uris[name] = str(record.uri)
+            self._uris[name] = uri
             self._attached_at[name] = time.monotonic()
             self._dropped.discard(name)
             if name not in self._children:
                 self._children = sorted([*self._children, name])
-                logger.info("child %s attached (%s)", name, record.uri)
+                logger.info("child %s attached (%s)", name, uri)
         return {"parent": self._name, "root": self.is_root, "grandparent": self._parent}
 
     @Pyro5.api.expose

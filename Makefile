@@ -8,13 +8,14 @@ STAMP   := $(VENV)/.llmtree-installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps test-deps model run test test-fast check lint bench clean
+.PHONY: help setup system-deps test-deps model run test test-fast check deploy-check lint bench clean
 
 help:
 	@echo "make run        set everything up and start the local tree (gateway on http://127.0.0.1:8000)"
 	@echo "make test       set everything up and run the whole test suite"
 	@echo "make test-fast  the suite without the slow end-to-end tests"
-	@echo "make check      ruff format --check, ruff check, mypy"
+	@echo "make check      ruff format --check, ruff check, mypy, deploy-check"
+	@echo "make deploy-check  lint deploy/Dockerfile, validate compose.yaml and the k8s manifests (offline)"
 	@echo "make lint       ruff format + ruff check --fix"
 	@echo "make bench      benchmarks side by side; writes docs/benchmarks.md"
 	@echo "make clean      remove the virtualenv, var/ and caches"
@@ -65,7 +66,14 @@ test: setup test-deps model
 test-fast: setup test-deps model
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-check: setup
+# deploy/: hadolint, the compose-spec schema and the Kubernetes schemas, all bundled in pip
+# packages (no network, no docker, no cluster).
+deploy-check: setup
+	$(VENV)/bin/hadolint deploy/Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml deploy/k8s/monitoring/*.yaml
+
+check: setup deploy-check
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy

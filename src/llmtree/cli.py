@@ -6,7 +6,7 @@
     llmtree nodes [--table]                    the directory as a tree (or a table)
     llmtree status N                           a node's live status and the end of its log
     llmtree parent N P                         move a running node under another parent
-    llmtree ldap init|start|stop|status        the private slapd
+    llmtree ldap init|start|stop|status|serve  the private slapd (serve: foreground, containers)
     llmtree chat                               chat in the terminal
     llmtree keys create|list|revoke            API keys for /v1/* in the chat database
     llmtree bench URL ...                      load test an OpenAI-compatible endpoint
@@ -157,6 +157,10 @@ def cmd_ldap(args: argparse.Namespace) -> int:
     from llmtree.slapd import PrivateSlapd
 
     settings = make_settings(args)
+    if args.action == "serve":  # foreground, for a container (see llmtree.ldap_serve)
+        from llmtree.ldap_serve import serve
+
+        return serve(settings)
     slapd = PrivateSlapd(settings)
     if args.action == "init":
         slapd.init(force=args.force)
@@ -301,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     parent.set_defaults(func=cmd_parent)
 
     ldap = sub.add_parser("ldap", help="the private slapd: init, start, stop, status")
-    ldap.add_argument("action", choices=["init", "start", "stop", "status"])
+    ldap.add_argument("action", choices=["init", "start", "stop", "status", "serve"])
     ldap.add_argument("--force", action="store_true", help="init: wipe existing data")
     ldap.set_defaults(func=cmd_ldap)
 

@@ -313,5 +313,10 @@ def start_node_metrics(
         engine.observer = metrics.observe_outputs
     daemon.register(MetricsEndpoint(metrics), METRICS_ID)
     if port:
-        metrics.serve_http(host, port)
+        try:
+            metrics.serve_http(host, port)
+        except OSError as error:  # e.g. several local nodes given one port: serve on without it
+            logger.warning(
+                "metrics port %s:%d unusable (%s); Pyro5 endpoint only", host, port, error
+            )
     return metrics

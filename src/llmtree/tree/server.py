@@ -25,7 +25,7 @@ from llmtree.config import Settings
 from llmtree.errors import LlmTreeError, NameTaken, NodeUnavailable, RegistryError, UnknownNode
 from llmtree.metrics import NodeMetrics, start_node_metrics
 from llmtree.registry import NodeRecord, Registry
-from llmtree.tree.client import OBJECT_ID, Peers, configure_pyro
+from llmtree.tree.client import OBJECT_ID, Peers, configure_pyro, configure_tls
 from llmtree.tree.node import TreeNode
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class NodeServer:
         if not self.is_root:
             self._start_engine()
         configure_pyro(512 if self.is_root else 128)
+        configure_tls(self.settings)  # with settings.tls: mutual TLS, our CA only
         host = self.settings.root_host if self.is_root else self.settings.node_host
         port = self.settings.root_port if self.is_root else self.settings.node_port
         try:

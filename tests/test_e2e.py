@@ -29,6 +29,8 @@ QUESTION = "What is the capital of France?"
 class Stack:
     def __init__(self, proc: Proc, env: dict[str, str], settings: Settings, url: str) -> None:
         self.proc, self.env, self.settings, self.url = proc, env, settings, url
+        self.key = (settings.var_dir / "dev-api-key").read_text().strip()  # made by `llmtree up`
+        self.auth = {"Authorization": f"Bearer {self.key}"}
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -72,7 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_openai_client_non_streaming(stack: Stack) -> None:
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key)
     model = client.models.list().data[0].id
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=40
@@ -84,7 +86,7 @@ def test_openai_client_non_streaming(stack: Stack) -> None:
 
 
 def test_openai_client_streaming(stack: Stack) -> None:
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key)
     stream = client.chat.completions.create(
         model=client.models.list().data[0].id,
         messages=[{"role": "user", "content": QUESTION}],
@@ -107,7 +109,9 @@ def test_openai_client_streaming(stack: Stack) -> None:
 
 def test_raw_sse_ends_with_done(stack: Stack) -> None:
     body = {"messages": [{"role": "user", "content": "Say hi."}], "stream": True, "max_tokens": 8}
-    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{stack.url}/v1/chat/completions", json=body, headers=stack.auth, timeout=60
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
@@ -135,7 +139,7 @@ def test_bad_input_gets_an_openai_error(
     r = httpx.post(
         f"{stack.url}/v1/chat/completions",
         content=body,
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **stack.auth},
         timeout=30,
     )
     assert r.status_code == status, r.text
@@ -144,6 +148,29 @@ def test_bad_input_gets_an_openai_error(
     if param is not None:
         assert error["param"] and error["param"].startswith(param)
     assert httpx.get(f"{stack.url}/healthz").status_code == 200  # and nothing broke
+
+
+def test_dev_key_from_up_serves_the_api_and_the_cli(stack: Stack) -> None:
+    key_file = stack.settings.var_dir / "dev-api-key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert (stack.settings.var_dir / "jwt.secret").stat().st_mode & 0o777 == 0o600
+    assert stack.key.startswith("llmt-") and f"API key:    {stack.key}" in stack.proc.output()
+    assert httpx.get(f"{stack.url}/v1/models").status_code == 401
+    assert httpx.get(f"{stack.url}/v1/models", headers=stack.auth).status_code == 200
+    chat = subprocess.run(
+        [sys.executable, "-m", "llmtree", "chat", "--url", stack.url],
+        input=QUESTION + "\n",
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )  # no --api-key: it comes from <var>/dev-api-key
+    assert chat.returncode == 0 and "llm> " in chat.stdout, chat.stdout + chat.stderr
+    assert "error" not in chat.stdout
+    listed = stack.cli("keys", "list")
+    assert listed.returncode == 0 and stack.key[:9] in listed.stdout and "dev" in listed.stdout
+    assert stack.key not in listed.stdout  # only the prefix is kept
 
 
 def test_health_models_nodes_and_page(stack: Stack) -> None:
@@ -221,7 +248,7 @@ def test_killed_worker_leaves_the_directory(stack: Stack) -> None:
         wait_for(gone, 20, "worker-2 to leave the directory")
         assert time.monotonic() - killed <= stack.settings.node_ttl_s + 3
         # the tree still answers
-        r = httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 20, "temperature": 0}, timeout=60)  # fmt: skip
+        r = httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 20, "temperature": 0}, headers=stack.auth, timeout=60)  # fmt: skip
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
     finally:
         registry.close()

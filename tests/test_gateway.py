@@ -75,6 +75,21 @@ def test_overloaded_is_503_with_retry_after(gateway: str, auth: dict[str, str]) 
     assert r.json()["error"]["code"] == "overloaded"
 
 
+def test_chat_message_on_a_full_tree_is_a_polite_overloaded_event(gateway: str) -> None:
+    user = WebUser(gateway).signup()
+    chat_id = user.new_chat()
+    events = user.send(chat_id, "hi")
+    assert [e["type"] for e in events] == ["start", "error"]
+    error = events[-1]
+    assert error["code"] == "overloaded" and "try again" in error["message"]
+    assert error["message_obj"]["status"] == "failed"
+    stored = user.chat(chat_id)["messages"]
+    assert [(m["role"], m["status"]) for m in stored] == [
+        ("user", "complete"),
+        ("assistant", "failed"),
+    ]
+
+
 def test_unknown_route_is_openai_shaped(gateway: str) -> None:
     r = httpx.get(f"{gateway}/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

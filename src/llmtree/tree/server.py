@@ -222,25 +222,27 @@ class NodeServer:
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(self.settings.heartbeat_s):
+            self._beat()
             if not self.is_root:
                 try:
                     self._keep_parent()
                 except Exception:
                     logger.exception("parent check crashed; continuing")
-            try:
-                self._heartbeat_once()
-            except RegistryError as error:
-                if not self._directory_down:
-                    logger.warning(
-                        "directory unreachable, serving on from what is known: %s", error
-                    )
-                self._directory_down = True
-                with contextlib.suppress(LlmTreeError):  # fresh connections for the next beat
-                    self.registry.connect(writer=True)
-            except LlmTreeError as error:
-                logger.warning("heartbeat failed: %s", error)
-            except Exception:
-                logger.exception("heartbeat crashed; continuing")
+
+    def _beat(self) -> None:
+        """Refresh the entry (re-adding it if it expired); a directory outage is logged once."""
+        try:
+            self._heartbeat_once()
+        except RegistryError as error:
+            if not self._directory_down:
+                logger.warning("directory unreachable, serving on from what is known: %s", error)
+            self._directory_down = True
+            with contextlib.suppress(LlmTreeError):  # fresh connections for the next beat
+                self.registry.connect(writer=True)
+        except LlmTreeError as error:
+            logger.warning("heartbeat failed: %s", error)
+        except Exception:
+            logger.exception("heartbeat crashed; continuing")
 
     def _heartbeat_once(self) -> None:
         assert self.node is not None
@@ -263,7 +265,7 @@ class NodeServer:
             return
         try:
             self._attach()
-        except (NodeUnavailable, UnknownNode) as error:
+        except NodeUnavailable as error:
             if not self._parent_down:
                 logger.warning("parent %s unreachable: %s", self.parent, error)
             self._parent_down = True
@@ -271,7 +273,7 @@ class NodeServer:
             if target and target not in (self.parent, self.name) and self._reachable(target):
                 self._move_to(target)
             return
-        except LlmTreeError as error:  # the directory is down and no reference is held
+        except LlmTreeError as error:  # e.g. the directory is down and no reference is held
             logger.debug("cannot attach to %s now: %s", self.parent, error)
             return
         if self._parent_down:

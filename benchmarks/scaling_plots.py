@@ -22,6 +22,7 @@ from typing import Any
 
 from llmtree.sim import SimConfig, simulate
 from llmtree.sim.calibration import ThroughputCurve, load_calibration, measured_points
+from llmtree.sim.results import config_record
 from llmtree.sim.topology import nodes_for_depth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,9 +31,16 @@ NODES = 10_000
 FANOUTS = (2, 4, 10, 32, 100, 10_000)
 LOADS = (0.5, 0.8, 0.9, 0.95)
 POLICIES = ("seed", "p2c", "p2c+sent")
+PANELS = (*POLICIES, "weighted-rr")
 BASE = SimConfig(nodes=NODES, duration_s=40.0, warmup_s=15.0)
 COMPLETE = ((100, 2), (21, 3), (10, 4))  # full trees near 10,000: 10,100, 9,723, 11,110 nodes
 Record = dict[str, Any]
+TITLES = {
+    "seed": "the real rule",
+    "p2c": "reports 0-2 s old",
+    "p2c+sent": "reports 0-2 s old + own sends",
+    "weighted-rr": "round robin weighted by subtree size",
+}
 plt: Any = None  # matplotlib.pyplot, imported once the runs are done
 
 
@@ -53,17 +61,34 @@ def sweep() -> list[SimConfig]:
         for p in ("p2c", "p2c+sent")
     ]
     runs += [
-        replace(BASE, nodes=nodes_for_depth(d, k), fanout=k, load=0.9, policy=p)
+        replace(BASE, nodes=nodes_for_depth(d, k), fanout=k, load=x, policy=p)
         for k, d in COMPLETE
-        for p in ("seed", "p2c")
+        for p in ("seed", "p2c", "p2c+sent")
+        for x in (0.9, 0.95)
+        if not (p == "p2c" and x == 0.95)
+    ]
+    # weighted-rr at K=10,000 is the seed rule itself (all children are leaves of weight 1)
+    runs += [
+        replace(BASE, fanout=k, load=x, policy="weighted-rr")
+        for k in FANOUTS
+        if k < NODES
+        for x in LOADS
     ]
     return runs
 
 
-def run_all(jobs: int, data: Path) -> list[Record]:
-    configs = sweep()
+def key(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+def run_all(jobs: int, data: Path, resume: bool) -> list[Record]:
+    """Run the sweep (with ``resume``: only the runs ``data`` does not hold yet)."""
     records: list[Record] = []
-    with ProcessPoolExecutor(max_workers=jobs) as pool, data.open("w") as handle:
+    if resume and data.exists():
+        records = [json.loads(line) for line in data.read_text().splitlines()]
+    done = {key(r["config"]) for r in records}
+    configs = [c for c in sweep() if key(config_record(c)) not in done]
+    with ProcessPoolExecutor(max_workers=jobs) as pool, data.open("a" if resume else "w") as handle:
         for i, result in enumerate(pool.map(simulate, configs), 1):
             record = result.to_dict()
             records.append(record)
@@ -115,8 +140,9 @@ def plot_calibration() -> None:
 
 
 def plot_p99_vs_load(records: list[Record]) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), sharey=True)
-    for ax, policy in zip(axes, POLICIES, strict=True):
+    fig, grid = plt.subplots(2, 2, figsize=(12, 8), sharey=True, sharex=True)
+    axes = list(grid.flat)
+    for ax, policy in zip(axes, PANELS, strict=True):
         for k in FANOUTS:
             rows = sorted(
                 pick(records, fanout=k, policy=policy, heartbeat_s=BASE.heartbeat_s),
@@ -131,13 +157,16 @@ def plot_p99_vs_load(records: list[Record]) -> None:
             )
         ax.axhline(1.0, color="red", linestyle="--", linewidth=1)
         ax.set_yscale("log")
-        ax.set_title(f"{policy}" + (" (reports 0-2 s old)" if policy != "seed" else " (real rule)"))
-        ax.set_xlabel("offered load (fraction of capacity)")
+        ax.set_title(f"{policy} ({TITLES[policy]})")
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("p99 queueing delay, s (log)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("10,000 nodes: p99 wait from arrival to start of service")
-    fig.tight_layout()
+    for ax in axes[2:]:
+        ax.set_xlabel("offered load (fraction of capacity)")
+    for ax in axes[::2]:
+        ax.set_ylabel("p99 queueing delay, s (log)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(FANOUTS), fontsize=9)
+    fig.suptitle("10,000 nodes: p99 wait from arrival to start of service (red: 1 s)")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(OUT / "p99_vs_load.png", dpi=120)
     plt.close(fig)
 
@@ -148,6 +177,7 @@ def plot_p99_vs_fanout(records: list[Record]) -> None:
         ("seed", BASE.heartbeat_s, "seed rule"),
         ("p2c", BASE.heartbeat_s, "p2c, reports 0-2 s old"),
         ("p2c+sent", BASE.heartbeat_s, "p2c+sent, reports 0-2 s old"),
+        ("weighted-rr", BASE.heartbeat_s, "weighted-rr (no reports)"),
         ("p2c", 0.0, "p2c, live reports"),
         ("least-loaded", 0.0, "least-loaded, live reports"),
     ]
@@ -156,10 +186,14 @@ def plot_p99_vs_fanout(records: list[Record]) -> None:
             pick(records, load=0.9, policy=policy, heartbeat_s=heartbeat),
             key=lambda r: r["config"]["fanout"],
         )
+        dashed = policy == "weighted-rr"  # it coincides with least-loaded on live reports
         ax.plot(
             [r["config"]["fanout"] for r in rows],
             [max(r["queue_delay_p99_s"], 1e-3) for r in rows],
-            marker="o",
+            marker="s" if dashed else "o",
+            linestyle="--" if dashed else "-",
+            linewidth=2.5 if dashed else 1.5,
+            zorder=3 if dashed else 2,
             label=label,
         )
     ax.axhline(1.0, color="red", linestyle="--", linewidth=1)
@@ -177,22 +211,24 @@ def plot_p99_vs_fanout(records: list[Record]) -> None:
 
 def plot_utilisation(records: list[Record]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), sharey=True)
-    width = 0.8 / len(POLICIES)
+    width = 0.8 / len(PANELS)
     for ax, k in zip(axes, (4, 10), strict=True):
-        for i, policy in enumerate(POLICIES):
+        for i, policy in enumerate(PANELS):
             rows = pick(records, fanout=k, load=0.9, policy=policy, heartbeat_s=BASE.heartbeat_s)
             if not rows:
                 continue
             levels = rows[0]["utilisation_by_depth"]
-            xs = [d + 1 + (i - 1) * width for d in range(len(levels))]
+            xs = [d + 1 + (i - 1.5) * width for d in range(len(levels))]
             ax.bar(xs, levels, width=width, label=policy)
+            ax.set_xticks(range(1, len(levels) + 1))
         ax.set_title(f"K={k}, load 0.9")
         ax.set_xlabel("depth (1 = the root's children)")
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("mean utilisation (running / slots)")
-    axes[0].legend()
-    fig.suptitle("10,000 nodes: where the work lands")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(PANELS), fontsize=9)
+    fig.suptitle("10,000 nodes: mean utilisation of the nodes at each depth")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(OUT / "utilisation_by_depth.png", dpi=120)
     plt.close(fig)
 
@@ -201,8 +237,10 @@ def tables(records: list[Record]) -> None:
     print("| K | depth | policy | " + " | ".join(f"load {x}" for x in LOADS) + " |")
     print("| ---: | ---: | --- |" + " ---: |" * len(LOADS))
     for k in FANOUTS:
-        for policy in POLICIES:
+        for policy in PANELS:
             rows = pick(records, fanout=k, policy=policy, heartbeat_s=BASE.heartbeat_s)
+            if not rows:
+                continue
             by_load = {r["config"]["load"]: r for r in rows}
             cells = [
                 f"{by_load[x]['queue_delay_p99_s']:.3f}" if x in by_load else "" for x in LOADS
@@ -229,12 +267,14 @@ def tables(records: list[Record]) -> None:
 
 def complete_table(records: list[Record]) -> None:
     print()
-    print("| nodes | K | depth | policy | p99 wait s | queued | util CV | wall s |")
-    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| nodes | K | depth | load | policy | p99 wait s | queued | util CV | wall s |")
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for k, d in COMPLETE:
-        for r in pick(records, nodes=nodes_for_depth(d, k), fanout=k, load=0.9):
+        rows = pick(records, nodes=nodes_for_depth(d, k), fanout=k)
+        for r in sorted(rows, key=lambda r: (r["config"]["load"], r["config"]["policy"])):
             print(
-                f"| {r['config']['nodes']} | {k} | {r['height']} | {r['config']['policy']}"
+                f"| {r['config']['nodes']} | {k} | {r['height']} | {r['config']['load']}"
+                f" | {r['config']['policy']}"
                 f" | {r['queue_delay_p99_s']:.3f} | {r['queued_fraction']:.1%}"
                 f" | {r['utilisation_cv']:.2f} | {r['wall_s']:.1f} |"
             )
@@ -243,6 +283,7 @@ def complete_table(records: list[Record]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plot-only", action="store_true", help="re-plot the saved data")
+    parser.add_argument("--resume", action="store_true", help="run only what --data lacks")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes (2)")
     parser.add_argument("--data", type=Path, default=OUT / "scaling.jsonl")
     args = parser.parse_args()
@@ -250,7 +291,7 @@ def main() -> int:
     if args.plot_only:
         records = [json.loads(line) for line in args.data.read_text().splitlines()]
     else:
-        records = run_all(args.jobs, args.data)
+        records = run_all(args.jobs, args.data, args.resume)
     print(f"calibration: {load_calibration()['command']}", file=sys.stderr)
     import matplotlib
 

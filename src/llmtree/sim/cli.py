@@ -45,8 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rate", metavar="R,...", help="arrivals in requests/s (Poisson); overrides --load")
     add("--slots", type=int, default=DEFAULTS.slots, help=f"batch slots ({DEFAULTS.slots})")
     add("--max-queue", type=int, default=DEFAULTS.max_queue, help="queue bound per node (64)")
-    add("--output-tokens", type=float, default=DEFAULTS.output_tokens, help="mean (128)")
-    add("--output-dist", choices=OUTPUT_DISTRIBUTIONS, default=DEFAULTS.output_dist)
+    add("--output-tokens", type=float, default=DEFAULTS.output_tokens, help="mean length (128)")
+    add(
+        "--output-dist",
+        choices=OUTPUT_DISTRIBUTIONS,
+        default=DEFAULTS.output_dist,
+        help="output lengths: all the mean, uniform 1..2x mean, exponential (fixed)",
+    )
     add(
         "--service",
         choices=SERVICE_MODELS,

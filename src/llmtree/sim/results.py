@@ -72,10 +72,13 @@ class SimResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["config"] = {
-            k: v for k, v in asdict(self.config).items() if k != "curve" or v is not None
-        }
+        data["config"] = config_record(self.config)
         return data
+
+
+def config_record(config: SimConfig) -> dict[str, Any]:
+    """A config as its JSON line shows it (no ``curve`` unless one was given)."""
+    return {k: v for k, v in asdict(config).items() if k != "curve" or v is not None}
 
 
 def _cv(values: np.ndarray[Any, Any]) -> float:

@@ -125,16 +125,25 @@ def _load_aware(
     children, size = state.tree.children, state.tree.size
     occ, sub_occ, sub_cap = state.occ, state.sub_occ, state.sub_cap
     next_child, slots, reported, sent = state.next_child, state.slots, state.reported, state.sent
-    randbelow = rng.randrange
+    getrandbits = rng.getrandbits
+
+    def randbelow(n: int) -> int:  # rng.randrange(n) without its argument checks: same draws
+        k = n.bit_length()
+        r: int = getrandbits(k)
+        while r >= n:
+            r = getrandbits(k)
+        return r
+
     two_choices = policy != "least-loaded"
     counts_sent = policy == "p2c+sent"
 
-    def load(n: int) -> float:
-        if fresh:
-            return sub_occ[n] / sub_cap[n]
-        if counts_sent:
-            return reported[n] + sent[n] / sub_cap[n]
-        return reported[n]
+    def live(n: int) -> float:
+        return sub_occ[n] / sub_cap[n]
+
+    def reported_and_sent(n: int) -> float:
+        return reported[n] + sent[n] / sub_cap[n]
+
+    load = live if fresh else reported_and_sent if counts_sent else reported.__getitem__
 
     def visit(n: int) -> int:
         if sub_occ[n] >= sub_cap[n]:

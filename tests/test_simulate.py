@@ -139,6 +139,20 @@ def test_load_aware_policies_spread_load_more_evenly_than_seed() -> None:
         )
 
 
+def test_round_robin_overloads_small_subtrees_and_weighting_fixes_it() -> None:
+    """40 workers at fan-out 4: the root's children head subtrees of 21, 9, 5 and 5 nodes.
+
+    The seed rule sends each a quarter of what overflows the root's children, so the small ones
+    sit at their bound while the large one has room; weighting by subtree size does not.
+    """
+    tree = build_tree(40, 4)
+    assert [tree.size[child] for child in tree.children[0]] == [21, 9, 5, 5]
+    seed = simulate_detailed(SimConfig(nodes=40, fanout=4, load=0.7))[0]
+    weighted = simulate_detailed(SimConfig(nodes=40, fanout=4, load=0.7, policy="weighted-rr"))[0]
+    assert seed.queued_fraction > 0.3 and seed.queue_delay_p99_s > 5
+    assert weighted.queued_fraction == 0 and weighted.queue_delay_p99_s < 0.01
+
+
 def test_stale_reports_make_least_loaded_herd() -> None:
     """Every request between two heartbeats goes to the same "least loaded" subtree."""
     live, stale = _uneven("least-loaded", 0.0), _uneven("least-loaded", 2.0)

@@ -142,7 +142,7 @@ def test_load_aware_policies_spread_load_more_evenly_than_seed() -> None:
 def test_round_robin_overloads_small_subtrees_and_weighting_fixes_it() -> None:
     """40 workers at fan-out 4: the root's children head subtrees of 21, 9, 5 and 5 nodes.
 
-    The seed rule sends each a quarter of what overflows the root's children, so the small ones
+    The seed rule sends each a quarter of all requests, so the small ones
     sit at their bound while the large one has room; weighting by subtree size does not.
     """
     tree = build_tree(40, 4)

@@ -6,9 +6,11 @@
     llmtree nodes [--table]                    the directory as a tree (or a table)
     llmtree status N                           a node's live status and the end of its log
     llmtree parent N P                         move a running node under another parent
+    llmtree drain N                            stop new work to N, finish its requests, remove it
     llmtree ldap init|start|stop|status|serve  the private slapd (serve: foreground, containers)
     llmtree chat                               chat in the terminal
     llmtree keys create|list|revoke            API keys for /v1/* in the chat database
+    llmtree users list|set-tier U T|tiers      users' rate-limit tiers
     llmtree bench URL ...                      load test an OpenAI-compatible endpoint
     llmtree simulate [--nodes N] [--fanout K]  a discrete-event model of a large tree
     llmtree certs init | issue NAME            the project CA and TLS certificates
@@ -106,6 +108,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         node_port=args.port if not args.root else None,
         root_port=args.port if args.root else None,
         threads=args.threads,
+        policy=args.policy,
+        lazy_load=True if args.lazy else None,
+        idle_unload_s=args.idle_unload_s,
     )
     from llmtree.tree.server import NodeServer
 
@@ -202,6 +207,25 @@ def cmd_parent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from llmtree.tree.drain import drain_node
+
+    name = check_name(args.name)
+    result = drain_node(make_settings(args), name, args.wait)
+    print(f"{name} draining ({result['held']} requests held)")
+    if args.wait > 0:
+        if not result["left"]:
+            raise ConfigError(f"{name} has not left after {args.wait:g} s; it is still draining")
+        print(f"{name} finished its requests and left the tree")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from llmtree.gateway.users_cli import run_users
+
+    return run_users(args, make_settings(args))
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from llmtree.chat_client import chat_loop
 
@@ -283,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     node.add_argument("--host", help="address to listen on and publish (default 127.0.0.1)")
     node.add_argument("--port", type=int, help="Pyro5 port (root 9100, workers any free)")
+    node.add_argument(
+        "--policy",
+        choices=["seed", "weighted-rr", "p2c"],
+        help="routing to children: seed (default), weighted-rr (by subtree size), p2c (load)",
+    )
+    node.add_argument("--lazy", action="store_true", help="load the model on the first request")
+    node.add_argument(
+        "--idle-unload-s", type=float, help="with --lazy: release the model after this idle time"
+    )
     node.set_defaults(func=cmd_node)
 
     gateway = sub.add_parser("gateway", help="run the HTTP gateway and web UI")
@@ -304,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     parent.add_argument("parent")
     parent.set_defaults(func=cmd_parent)
 
+    drain = sub.add_parser("drain", help="stop new work to a node, let it finish, remove it")
+    drain.add_argument("name")
+    drain.add_argument(
+        "--wait", type=float, default=300, help="seconds to wait until it has left (0: do not)"
+    )
+    drain.set_defaults(func=cmd_drain)
+
     ldap = sub.add_parser("ldap", help="the private slapd: init, start, stop, status")
     ldap.add_argument("action", choices=["init", "start", "stop", "status", "serve"])
     ldap.add_argument("--force", action="store_true", help="init: wipe existing data")
@@ -320,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_keys_arguments(keys)
     keys.set_defaults(func=cmd_keys)
+
+    users = sub.add_parser("users", help="users' rate-limit tiers: list, set-tier, tiers")
+    from llmtree.gateway.users_cli import add_arguments as add_users_arguments
+
+    add_users_arguments(users)
+    users.set_defaults(func=cmd_users)
 
     certs = sub.add_parser("certs", help="the project CA and TLS certificates")
     certs.add_argument("action", choices=["init", "issue", "list"])

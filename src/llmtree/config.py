@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     """Re-submissions of one request after its serving node died, before it ends with an error."""
     queue_timeout_s: float = Field(default=120.0, gt=0)
     """A request waiting in a node's queue longer than this ends with error code queue_timeout."""
+    policy: str = Field(default="seed", pattern="^(seed|weighted-rr|p2c)$")
+    """Routing: 'seed' (idle serves, else round robin), 'weighted-rr' (by subtree size), 'p2c'."""
+    lazy_load: bool = False
+    """A worker loads its model on its first request instead of at start."""
+    idle_unload_s: float = Field(default=0.0, ge=0)
+    """With lazy_load: release the model after this long without requests; 0 keeps it."""
 
     # -- engine ------------------------------------------------------------------------------
     model: str = "smollm2"
@@ -94,6 +100,18 @@ class Settings(BaseSettings):
     """A request that sees no event for this long ends with an error."""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     """Largest request body the gateway accepts."""
+    redis_url: str = ""
+    """Redis shared by several gateways (rate limits, response cache); empty: in-process."""
+    tiers: str = ""
+    """JSON overrides of the user tiers' limits, e.g. {"free": {"rpm": 10, "tpm": 20000}}."""
+    default_tier: str = "free"
+    """Tier of users without one (`llmtree users set-tier U T`; the dev user is 'admin')."""
+    response_cache: bool = False
+    """Replay answers of identical deterministic (temperature 0) /v1 requests from a cache."""
+    response_cache_ttl_s: float = Field(default=600.0, gt=0)
+    """How long a cached answer is kept."""
+    response_cache_size: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Most answers the response cache keeps (the oldest go first)."""
 
     # -- TLS between processes -----------------------------------------------------------------
     tls: bool = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from llmtree.errors import (
 from llmtree.protocol import GenerateRequest, is_valid_event
 from llmtree.tree.client import Peers
 from llmtree.tree.failover import FlightTable
+from llmtree.tree.loads import ChildLoads, parse_report
 from llmtree.tree.outbox import Outbox
 from llmtree.tree.routing import Snapshot, plan
 
@@ -110,6 +112,11 @@ class TreeNode:
                 lost=self._node_lost,
                 cancel_on=self._cancel_on,
             )
+        self._loads = ChildLoads(settings.node_ttl_s)
+        self._rng = random.Random()
+        self._draining = False
+        self.on_drain: Callable[[], None] | None = None
+        """Set by the owning process: starts the drain (``llmtree.tree.drain``)."""
         self._started = time.monotonic()
         self.uri = ""
         self._outbox = Outbox(self._deliver_to_root, name=f"{name}-outbox")
@@ -165,22 +172,35 @@ class TreeNode:
         return self._place(req)
 
     def _place(self, req: GenerateRequest) -> str:
+        if self._draining:  # the parent passes over it and tries the next child
+            raise Overloaded(f"{self._name} is draining; it takes no new requests")
         with self._lock:
             engine = self._engine
+            policy = self._settings.policy
+            children = tuple(self._children)
+            if draining := self._loads.draining(children):
+                children = tuple(c for c in children if c not in draining)
             snapshot = Snapshot(
                 is_root=engine is None,
                 num_running=engine.num_running if engine else 0,
                 num_waiting=(engine.num_waiting if engine else 0) + self._reserved,
                 slots=engine.slots if engine else 0,
                 max_queue=self._settings.max_queue,
-                children=tuple(self._children),
+                children=children,
                 next_child=self._next_child,
+                policy=policy,
+                loads=self._loads.loads(children) if policy == "p2c" else (),
+                sizes=self._loads.sizes(children) if policy == "weighted-rr" else (),
+                credits=self._loads.credits(children) if policy == "weighted-rr" else (),
+                draws=(self._rng.getrandbits(32), self._rng.getrandbits(32)),
             )
             decision = plan(snapshot)
             if decision.serve:
                 self._reserved += 1
             elif decision.forward_to:
                 self._next_child = (self._next_child + 1) % len(decision.forward_to)
+                if decision.credits:
+                    self._loads.set_credits(children, decision.credits)
         if decision.serve:
             return self._serve(req, reserved=True)
         for child in decision.forward_to:
@@ -189,6 +209,8 @@ class TreeNode:
                 continue
             try:
                 served_by: str = self._peers.call(uri, "submit", req.to_wire())
+                with self._lock:
+                    self._loads.sent(child)
                 return served_by
             except Overloaded:
                 continue
@@ -336,10 +358,14 @@ class TreeNode:
         return uri
 
     @Pyro5.api.expose
-    def attach_child(self, name: str) -> dict[str, Any]:
-        """Called by a node that names this one as its parent; it must be in the directory."""
+    def attach_child(self, name: str, report: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Called by a node that names this one as its parent; it must be in the directory.
+
+        ``report``: the child's subtree load (``llmtree.tree.loads``), sent on every heartbeat.
+        """
         if not isinstance(name, str) or name == self._name:
             raise InvalidRequest("a node cannot be its own child", param="name")
+        parsed = parse_report(report) if report is not None else None
         try:
             uri = str(self._directory.lookup(name).uri)
         except UnknownNode:
@@ -354,6 +380,8 @@ class TreeNode:
             self._uris[name] = uri
             self._attached_at[name] = time.monotonic()
             self._dropped.discard(name)
+            if parsed is not None:
+                self._loads.report(name, parsed)
             if name not in self._children:
                 self._children = sorted([*self._children, name])
                 logger.info("child %s attached (%s)", name, uri)
@@ -365,6 +393,7 @@ class TreeNode:
         with self._lock:
             self._uris.pop(name, None)
             self._attached_at.pop(name, None)
+            self._loads.forget(name)
             if name in self._children:
                 self._children.remove(name)
                 logger.info("child %s detached", name)
@@ -420,6 +449,45 @@ class TreeNode:
                 if gone not in self._serving.values():
                     self._uris.pop(gone, None)
 
+    # -- elasticity -------------------------------------------------------------------------
+    @Pyro5.api.expose
+    def drain(self) -> dict[str, Any]:
+        """Stop taking new requests, finish the ones held, then leave (``llmtree drain N``)."""
+        if self.is_root:
+            raise InvalidRequest("the root cannot be drained; drain its workers")
+        with self._lock:
+            started = not self._draining
+            self._draining = True
+            held = len(self._serving)
+        if started:
+            logger.warning("draining: no new requests; %d held ones finish first", held)
+            if self.on_drain is not None:
+                self.on_drain()
+        return {"name": self._name, "draining": True, "held": held}
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def held(self) -> int:
+        """Requests this node serves now (running or queued, or being admitted)."""
+        with self._lock:
+            return len(self._serving) + self._reserved
+
+    def children_now(self) -> list[str]:
+        with self._lock:
+            return list(self._children)
+
+    def load_report(self) -> dict[str, Any]:
+        """This subtree's load, for the parent (sent with ``attach_child``)."""
+        with self._lock:
+            engine = self._engine
+            held = (engine.num_running + engine.num_waiting) if engine else 0
+            capacity = (engine.slots + self._settings.max_queue) if engine else 0
+            return self._loads.subtree(
+                tuple(self._children), held + self._reserved, capacity, self._draining
+            )
+
     # -- introspection ----------------------------------------------------------------------
     @Pyro5.api.expose
     def ping(self) -> str:
@@ -445,6 +513,8 @@ class TreeNode:
                 "failovers": self._flights.failovers if self._flights is not None else 0,
                 "model": engine.model_name if engine else "",
                 "uptime_s": round(time.monotonic() - self._started, 1),
+                "policy": self._settings.policy,
+                "draining": self._draining,
                 "uri": self.uri,
             }
 

@@ -56,6 +56,7 @@ class NodeServer:
         self.engine: Any = None
         self._daemon: Pyro5.api.Daemon | None = None
         self._stopping = threading.Event()
+        self._stopped = threading.Event()
         self._registered = False
         self._threads: list[threading.Thread] = []
         self.metrics: NodeMetrics | None = None
@@ -97,6 +98,7 @@ class NodeServer:
         )
         uri = str(self._daemon.register(self.node, OBJECT_ID))
         self.node.uri = uri
+        self.node.on_drain = self._start_drain
         self.metrics = start_node_metrics(
             self.name, self.node.status, self.engine, self._daemon, host, self.settings.metrics_port
         )
@@ -112,11 +114,23 @@ class NodeServer:
         return uri
 
     def _start_engine(self) -> None:
+        if self.settings.lazy_load:  # the model loads on the first request
+            from llmtree.engine.lazy import LazyEngine
+
+            self.engine = LazyEngine(self.settings, self.name, on_events=self._on_engine_events)
+            self.engine.start(progress=self._progress)
+            return
         from llmtree.engine.engine import Engine
 
         self._progress(f"loading model {self.settings.model}")
         self.engine = Engine(self.settings, self.name, on_events=self._on_engine_events)
         self.engine.start(progress=self._progress)
+
+    def _start_drain(self) -> None:
+        from llmtree.tree.drain import Drainer
+
+        assert self.node is not None
+        Drainer(self.node, self.settings, self.registry, self._attach, self.stop).start()
 
     def _check_name_free(self) -> None:
         try:
@@ -138,6 +152,7 @@ class NodeServer:
             self.wait()
         finally:
             self.stop()
+            self._stopped.wait(30)  # a drain stops from its own thread: let it finish
 
     def wait(self) -> None:
         """Block until ``stop()`` is called (from a signal handler or another thread)."""
@@ -166,6 +181,7 @@ class NodeServer:
         if self.metrics is not None:
             self.metrics.close()
         self.registry.close()
+        self._stopped.set()
         logger.info("node %s stopped", self.name)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -207,7 +223,8 @@ class NodeServer:
             if self._parent_uri is None:
                 raise
             parent_uri = self._parent_uri  # directory down: the reference held
-        result = self._peers.call(parent_uri, "attach_child", self.name)
+        report = self.node.load_report() if self.node is not None else None
+        result = self._peers.call(parent_uri, "attach_child", self.name, report)
         self._parent_uri = parent_uri
         if isinstance(result, dict) and isinstance(result.get("grandparent"), str):
             self._grandparent = result["grandparent"]
@@ -218,6 +235,7 @@ class NodeServer:
 
     def _on_parent_changed(self, parent: str) -> None:
         self.parent = parent
+        self._home_parent = parent  # an explicit move (or a drain) makes it home
         self.registry.set_parent(self.name, parent)
 
     def _heartbeat_loop(self) -> None:

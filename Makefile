@@ -29,6 +29,11 @@ system-deps:
 	fi
 
 test-deps: system-deps
+	@if ! command -v ip >/dev/null 2>&1; then \
+		echo "installing iproute2 with apt-get (for the network namespace fault test)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iproute2 >/dev/null; \
+	fi
 	@if ! command -v chromium >/dev/null 2>&1; then \
 		echo "installing chromium with apt-get (for the browser test)"; \
 		$(SUDO) apt-get update -qq && \

@@ -94,7 +94,8 @@ class TreeHarness:
     # -- processes --------------------------------------------------------------------------
     def start_root(self) -> None:
         args = ["--root", "--host", self.host, "--port", str(self.root_port)]
-        self.procs["root"] = NodeProc("root", args, self.env, self.logs)
+        env = {**self.env, "LLMTREE_ROOT_HOST": self.host}
+        self.procs["root"] = NodeProc("root", args, env, self.logs)
         self.wait_ready("root")
 
     def start_worker(self, name: str, parent: str, netns: str = "", host: str = "") -> None:

@@ -44,6 +44,11 @@ test-deps: system-deps
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; \
 	fi
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+		echo "installing redis-server with apt-get (for the several-gateways test)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; \
+	fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -44,6 +44,7 @@ def llmtree_env(settings: Settings, **extra: str) -> dict[str, str]:
         LLMTREE_NODE_TTL_S=str(settings.node_ttl_s),
         LLMTREE_HEARTBEAT_S="0.5",
         LLMTREE_MODEL_CACHE=model_cache(),
+        LLMTREE_DEFAULT_TIER="admin",  # no per-user limits unless a test sets tiers itself
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

@@ -25,6 +25,7 @@ from llmtree.gateway.auth import Auth
 from llmtree.gateway.chat import ChatContext, make_router
 from llmtree.gateway.chats import make_chats_router
 from llmtree.gateway.db import Database
+from llmtree.gateway.limits import Limiter
 from llmtree.gateway.metrics import mount_metrics
 from llmtree.gateway.root_client import RootClient
 from llmtree.gateway.sink import SinkServer
@@ -45,6 +46,7 @@ def create_app(settings: Settings, root: RootClient | None = None) -> FastAPI:
     sink_server = SinkServer(settings.sink_host)
     db = Database(settings.db_url)
     auth = Auth(settings, db)  # refuses a missing or short jwt_secret outside dev mode
+    limiter = Limiter(settings)  # per-user limits by tier, response cache (Redis or in-process)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +60,7 @@ def create_app(settings: Settings, root: RootClient | None = None) -> FastAPI:
             default_model=settings.model,
             idle_timeout_s=settings.request_timeout_s,
             max_body_bytes=settings.max_body_bytes,
+            limiter=limiter,
         )
         app.include_router(make_router(ctx), dependencies=[Depends(auth.api_key_user)])
         services = ChatServices(ctx=ctx, db=db, max_model_len=settings.max_model_len)
@@ -70,6 +73,7 @@ def create_app(settings: Settings, root: RootClient | None = None) -> FastAPI:
         finally:
             sink_server.stop()
             root_client.close()
+            await limiter.close()
             await db.close()
 
     app = FastAPI(title="llmtree", version="0.1.0", lifespan=lifespan)

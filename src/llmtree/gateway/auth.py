@@ -241,6 +241,7 @@ class Auth:
                     update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=utcnow())
                 )
                 await session.commit()
+        request.state.user = user  # for the per-user limits (gateway/limits.py)
         return user
 
 

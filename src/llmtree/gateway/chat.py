@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmtree.errors import EngineError, LlmTreeError, NotFound
 from llmtree.gateway.body import read_json
+from llmtree.gateway.cache import CACHE_HEADER, cache_key, replay_stream
+from llmtree.gateway.limits import Admission, Limiter
 from llmtree.gateway.root_client import RootClient
 from llmtree.gateway.schemas import parse_chat_request
 from llmtree.gateway.sink import EventSink, RequestStream
@@ -43,6 +45,8 @@ class ChatContext:
     max_body_bytes: int
     models: tuple[float, list[str]] = (0.0, [])
     """(monotonic time read, model names) from the directory; re-read every few seconds."""
+    limiter: Limiter | None = None
+    """Per-user limits, tiers and the response cache (gateway/limits.py)."""
 
 
 def _finish(reason: str) -> str:
@@ -89,22 +93,48 @@ def make_router(ctx: ChatContext) -> APIRouter:
             sampling=sampling,
             sink=ctx.sink_uri,
         )
-        stream = ctx.sink.open(request_id)
-        try:
-            await anyio.to_thread.run_sync(ctx.root.submit, generate.to_wire())
-        except BaseException:
-            ctx.sink.close(request_id)
-            raise
+        admission = await _admit(ctx, request, generate, model)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if admission is not None and admission.cache_key is not None:
+            cached = await admission.limiter.cache_get(admission.cache_key)
+            headers[CACHE_HEADER] = "miss" if cached is None else "hit"
+            if cached is not None:  # replayed: nothing reaches the tree
+                await admission.end()
+                stream, admission = replay_stream(request_id, cached), None
+        if headers.get(CACHE_HEADER) != "hit":
+            stream = ctx.sink.open(request_id)
+            try:
+                await anyio.to_thread.run_sync(ctx.root.submit, generate.to_wire())
+            except BaseException:
+                ctx.sink.close(request_id)
+                if admission is not None:
+                    await admission.end()
+                raise
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return StreamingResponse(
-                _sse(ctx, stream, model, include_usage),
+                _sse(ctx, stream, model, include_usage, admission),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers=headers,
             )
-        return JSONResponse(await _collect(ctx, stream, model))
+        cache = {k: v for k, v in headers.items() if k == CACHE_HEADER}
+        return JSONResponse(await _collect(ctx, stream, model, admission), headers=cache)
 
     return router
+
+
+async def _admit(
+    ctx: ChatContext, request: Request, generate: GenerateRequest, model: str
+) -> Admission | None:
+    """The caller's limits (429 when one is reached), priority and cache key."""
+    user = getattr(request.state, "user", None)
+    if ctx.limiter is None or user is None:
+        return None
+    admission = await ctx.limiter.admit(user)
+    generate.priority = admission.priority
+    if ctx.limiter.cache_on:
+        admission.cache_key = cache_key(model, generate.messages, generate.sampling)
+    return admission
 
 
 async def _cancel(ctx: ChatContext, request_id: str) -> None:
@@ -114,14 +144,20 @@ async def _cancel(ctx: ChatContext, request_id: str) -> None:
         logger.warning("cancel %s failed: %s", request_id, error)
 
 
-async def _collect(ctx: ChatContext, stream: RequestStream, model: str) -> dict[str, Any]:
+async def _collect(
+    ctx: ChatContext, stream: RequestStream, model: str, admission: Admission | None = None
+) -> dict[str, Any]:
     parts: list[str] = []
     final: dict[str, Any] = {}
     try:
         async for event in stream.events(ctx.idle_timeout_s):
             parts.append(event["text"])
             final = event
+            if admission is not None:
+                await admission.observe(event)
     finally:
+        if admission is not None:
+            await admission.end()
         ctx.sink.close(stream.request_id)
         if not stream.finished:
             await _cancel(ctx, stream.request_id)
@@ -145,7 +181,11 @@ async def _collect(ctx: ChatContext, stream: RequestStream, model: str) -> dict[
 
 
 async def _sse(
-    ctx: ChatContext, stream: RequestStream, model: str, include_usage: bool
+    ctx: ChatContext,
+    stream: RequestStream,
+    model: str,
+    include_usage: bool,
+    admission: Admission | None = None,
 ) -> AsyncIterator[str]:
     created = int(time.time())
 
@@ -163,6 +203,8 @@ async def _sse(
     try:
         yield chunk({"role": "assistant", "content": ""}, None)
         async for event in stream.events(ctx.idle_timeout_s):
+            if admission is not None:
+                await admission.observe(event)
             reason = event.get("finish_reason")
             if reason == "error":
                 error = EngineError(f"generation failed: {event.get('error') or 'unknown'}")
@@ -184,6 +226,8 @@ async def _sse(
                     yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
+        if admission is not None:
+            await admission.end()
         ctx.sink.close(stream.request_id)
         if not stream.finished:
             with anyio.CancelScope(shield=True):

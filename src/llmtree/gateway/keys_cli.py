@@ -154,6 +154,8 @@ async def _ensure_dev_key(settings: Settings) -> str:
                 )
                 session.add(user)
                 await session.flush()
+            if user.tier is None:
+                user.tier = "admin"  # generous limits for the local dev user (gateway/tiers.py)
             if secret:
                 known = (
                     await session.execute(

@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from llmtree.gateway.apierror import ApiError, not_found
 from llmtree.gateway.chat import ChatContext
 from llmtree.gateway.db import Database
 from llmtree.gateway.db.models import Chat, Message, User, utcnow
+from llmtree.gateway.limits import Admission, RateLimited
 from llmtree.gateway.sink import RequestStream
 from llmtree.protocol import MAX_MESSAGES, GenerateRequest, SamplingParams
 
@@ -165,8 +167,8 @@ async def prepare_turn(
             raise ApiError(
                 400, "invalid_request", "nothing to regenerate: the chat has no message yet"
             )
-        return Turn(services, chat, None, temp)
-    return Turn(services, chat, check_content(content), temp)
+        return Turn(services, chat, None, temp, user=user)
+    return Turn(services, chat, check_content(content), temp, user=user)
 
 
 @dataclass
@@ -176,7 +178,10 @@ class Turn:
     content: str | None
     """The new user message; None regenerates the answer to the last one."""
     temperature: float
+    user: User | None = None
+    """Whose limits and priority apply (gateway/limits.py)."""
     request_id: str = field(default_factory=lambda: f"chat-{uuid.uuid4().hex}")
+    _admission: Admission | None = None
     _stream: RequestStream | None = None
     _stop_requested: bool = False
 
@@ -246,6 +251,7 @@ class Turn:
                 {"max_tokens": max_tokens, "temperature": temperature}
             ),
             sink=ctx.sink_uri,
+            priority=self._admission.priority if self._admission is not None else 0,
         )
         stream = ctx.sink.open(request_id)
         try:
@@ -279,6 +285,22 @@ class Turn:
 
     # -- the turn -----------------------------------------------------------------------------
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
+        limiter = self.services.ctx.limiter
+        if limiter is not None and self.user is not None:
+            try:
+                self._admission = await limiter.admit(self.user)
+            except RateLimited as error:  # nothing stored: the user may send it again later
+                yield error.chat_event()
+                return
+        try:
+            async with aclosing(self._events()) as events:  # closed at once on disconnect
+                async for event in events:
+                    yield event
+        finally:
+            if self._admission is not None:
+                await self._admission.end()
+
+    async def _events(self) -> AsyncGenerator[dict[str, Any], None]:
         user_message, answer, history = await self._begin()
         yield {
             "type": "start",
@@ -312,6 +334,8 @@ class Turn:
                 async for event in stream.events(self.services.ctx.idle_timeout_s):
                     reason = event.get("finish_reason")
                     from_tree = reason is not None and not event.get("local")
+                    if self._admission is not None:
+                        await self._admission.observe(event)
                     if event["text"]:
                         parts.append(event["text"])
                         yield {"type": "delta", "text": event["text"]}

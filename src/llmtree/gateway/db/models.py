@@ -38,6 +38,8 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     token_version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    tier: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """Rate-limit tier (gateway/tiers.py); NULL: the default_tier setting."""
 
     def to_api(self) -> dict[str, object]:
         return {"id": self.id, "username": self.username, "created_at": iso(self.created_at)}

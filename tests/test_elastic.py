@@ -175,19 +175,29 @@ def test_drain_under_load_fails_nothing(tree: Tree, sink: CollectorServer) -> No
     for thread in threads:
         thread.start()
     wait_for(lambda: "el-d" in placed_on.values(), 60, "load on el-d")
-    drain_started = time.monotonic()
-    answer = tree.peers.call(tree.uri("el-d"), "drain")  # the exposed method; the CLI repeats it
-    assert answer["draining"] is True
-    held_when_drained = answer["held"]
-    drained = subprocess.run(
+    drain_called = time.monotonic()
+    drain_cli = subprocess.Popen(
         [sys.executable, "-m", "llmtree", "drain", "el-d", "--wait", "90"],
         env=tree.env,
         cwd=REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=120,
     )
-    drain_s = time.monotonic() - drain_started
+    held_when_drained = -1  # unknown if it was gone before the first look
+    while time.monotonic() < drain_called + 30:
+        try:
+            seen = tree.status("el-d")
+        except LlmTreeError:  # it has left already
+            break
+        if seen["draining"]:
+            held_when_drained = seen["running"] + seen["queued"]
+            break
+        time.sleep(0.02)
+    drain_started = time.monotonic()  # el-d is draining from here on (at the latest)
+    output, _ = drain_cli.communicate(timeout=120)
+    drain_s = time.monotonic() - drain_called
+    drained = subprocess.CompletedProcess(drain_cli.args, drain_cli.returncode, output, "")
     assert drained.returncode == 0, drained.stdout + drained.stderr
     assert "left the tree" in drained.stdout
     on_d = {rid for rid, node in placed_on.items() if node == "el-d"}

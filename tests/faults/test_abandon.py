@@ -38,7 +38,7 @@ def test_abandoned_requests_free_their_slots(
     requests = []
     for i in range(50):
         request = tree.request(f"gone-{i}", "Count from one to one thousand.", 1500)
-        request["sampling"]["ignore_eos"] = True  # type: ignore[index]
+        request["sampling"]["ignore_eos"] = True
         if i % 2:
             request["sink"] = gone_uri
         requests.append(request)

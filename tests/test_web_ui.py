@@ -62,6 +62,7 @@ XSS_MARKDOWN = [
 INERT_CHECK = """(root) => {
   const bad = [];
   for (const el of root.querySelectorAll('*')) {
+    if (el.closest('svg.icon')) continue;  // the UI's own icons (no sanitized node keeps that class)
     const tag = el.tagName.toLowerCase();
     if (['script', 'img', 'iframe', 'svg', 'form', 'object', 'embed', 'style'].includes(tag)
         && !el.closest('.msg-avatar')) bad.push('<' + tag + '>');
@@ -102,7 +103,9 @@ def test_pages_have_no_inline_script_or_style(page: str) -> None:
     assert scan.problems == []
     assert scan.scripts and all(src.startswith("/static/") for src in scan.scripts)
     for src in scan.scripts:
-        assert (WEB / src.replace("/static/vendor/", "vendor/").replace("/static/", "static/")).is_file()
+        assert (
+            WEB / src.replace("/static/vendor/", "vendor/").replace("/static/", "static/")
+        ).is_file()
 
 
 def test_scripts_never_assign_unsanitized_html() -> None:
@@ -123,8 +126,14 @@ def test_vendored_libraries_match_their_pinned_versions() -> None:
     assert f"MARKED={pins['marked']}" in script and f"DOMPURIFY={pins['dompurify']}" in script
     assert f"HIGHLIGHT={pins['@highlightjs/cdn-assets']}" in script
     assert f"marked v{pins['marked']}" in (WEB / "vendor/marked/marked.umd.js").read_text()[:200]
-    assert f"DOMPurify {pins['dompurify']}" in (WEB / "vendor/dompurify/purify.min.js").read_text()[:200]
-    assert f"v{pins['@highlightjs/cdn-assets']}" in (WEB / "vendor/highlight/highlight.min.js").read_text()[:300]
+    assert (
+        f"DOMPurify {pins['dompurify']}"
+        in (WEB / "vendor/dompurify/purify.min.js").read_text()[:200]
+    )
+    assert (
+        f"v{pins['@highlightjs/cdn-assets']}"
+        in (WEB / "vendor/highlight/highlight.min.js").read_text()[:300]
+    )
     for name in ("marked", "dompurify", "highlight"):
         assert (WEB / "vendor" / name / "LICENSE").stat().st_size > 500
 
@@ -301,14 +310,21 @@ def register_and_login(page: Any, username: str, password: str = PASSWORD) -> No
     page.fill("#login-password", password)
     page.click("#login-submit")
     page.locator("#app").wait_for()
-    assert page.locator("#account-name").inner_text() == username
+    assert page.locator("#account-name").text_content() == username
 
 
 def set_temperature(page: Any, value: str) -> None:
+    if page.locator("#open-sidebar").is_visible():  # a phone: the account is in the drawer
+        page.click("#open-sidebar")
     page.click("#open-account")
     page.fill("#temperature", value)
     page.dispatch_event("#temperature", "change")
     page.click("#account-dialog [data-close]")
+
+
+def wait_js(page: Any, expression: str, timeout_s: float = 30, arg: Any = None) -> Any:
+    """Poll a JS predicate (``page.wait_for_function`` evals a string, which the CSP forbids)."""
+    return wait_for(lambda: page.evaluate(expression, arg), timeout_s, expression)
 
 
 def answers(page: Any) -> Any:
@@ -320,7 +336,14 @@ def ask(page: Any, text: str, count: int, timeout_s: float = 120) -> str:
     page.fill("#prompt", text)
     page.press("#prompt", "Enter")
     done = page.locator('.msg-assistant[data-status="complete"]')
-    wait_for(lambda: done.count() >= count, timeout_s, f"answer {count}")
+    try:
+        wait_for(lambda: done.count() >= count, timeout_s, f"answer {count}")
+    except AssertionError as error:
+        statuses = page.evaluate(
+            "() => [...document.querySelectorAll('.msg')].map(m => m.dataset.role + ':' + m.dataset.status)"
+        )
+        notice = page.locator("#notice").text_content()
+        raise AssertionError(f"{error}; messages {statuses}; notice {notice!r}") from None
     text_out: str = answers(page).nth(count - 1).inner_text()
     return text_out
 
@@ -386,7 +409,7 @@ def test_chat_flow_in_a_real_browser(stack: Stack, browser: Any) -> None:
     # new chat: the answer appears token by token
     assert page.locator("#welcome").is_visible()
     record_stream(page)
-    first = ask(page, "My name is Zorblax. Please remember it.", 1)
+    first = ask(page, "Hi! My name is Zorblax. Tell me a fun fact about octopuses.", 1)
     states = page.evaluate("window.__states")
     texts = [s["text"] for s in states]
     assert len(set(texts)) >= 3, texts  # several intermediate states were drawn
@@ -394,9 +417,7 @@ def test_chat_flow_in_a_real_browser(stack: Stack, browser: Any) -> None:
     cid = chat_id(page)
     assert page.locator(f'.chat-item[data-id="{cid}"]').count() == 1
     # the model titles the chat after the first exchange
-    page.wait_for_function(
-        "document.getElementById('chat-title').textContent !== 'New chat'", timeout=90_000
-    )
+    wait_js(page, "() => document.getElementById('chat-title').textContent !== 'New chat'", 90)
     generated_title = page.locator("#chat-title").inner_text()
     assert generated_title and generated_title in page.locator(".chat-list").inner_text()
 
@@ -425,7 +446,7 @@ def test_chat_flow_in_a_real_browser(stack: Stack, browser: Any) -> None:
     item.locator(".rename-chat").click()
     page.fill(".chat-item .rename-input", "Name test")
     page.press(".chat-item .rename-input", "Enter")
-    page.wait_for_function("document.getElementById('chat-title').textContent === 'Name test'")
+    wait_js(page, "() => document.getElementById('chat-title').textContent === 'Name test'")
     assert item.locator(".chat-link-title").inner_text() == "Name test"
     page.reload()
     page.locator("#messages .msg").first.wait_for()
@@ -435,10 +456,11 @@ def test_chat_flow_in_a_real_browser(stack: Stack, browser: Any) -> None:
     # stop a long answer mid-way: the text so far is kept, status interrupted, nothing runs on
     page.fill("#prompt", "Write a very long story about a brave dragon who travels the world.")
     page.press("#prompt", "Enter")
-    page.wait_for_function(
+    wait_js(
+        page,
         """() => { const el = document.querySelector('.msg-assistant.streaming .msg-content');
                    return el && el.textContent.length > 80; }""",
-        timeout=120_000,
+        120,
     )
     page.click("#stop")
     stopped = page.locator('.msg-assistant[data-status="interrupted"]')
@@ -458,7 +480,7 @@ def test_chat_flow_in_a_real_browser(stack: Stack, browser: Any) -> None:
     # delete the chat
     page.click("#delete-chat")
     page.click("#confirm-ok")
-    page.wait_for_function(f"!document.querySelector('.chat-item[data-id=\"{cid}\"]')")
+    wait_js(page, "(id) => !document.querySelector(`.chat-item[data-id='${id}']`)", arg=cid)
     assert page.url.rstrip("/") == stack.url and page.locator("#welcome").is_visible()
     assert api_get(page, f"/api/chats/{cid}").status == 404
 
@@ -473,7 +495,7 @@ def test_chat_flow_in_a_real_browser(stack: Stack, browser: Any) -> None:
     page.fill("#login-username", username)
     page.fill("#login-password", PASSWORD)
     page.click("#login-submit")
-    page.wait_for_function("document.getElementById('login-message').textContent.includes('Wrong')")
+    wait_js(page, "() => document.getElementById('login-message').textContent.includes('Wrong')")
     watch.assert_clean()
     page.context.close()
 
@@ -508,9 +530,10 @@ def test_api_keys_and_password_panels(stack: Stack, browser: Any) -> None:
     page.fill("#current-password", PASSWORD)
     page.fill("#new-password", "a brand new password")
     page.click("#password-form button[type=submit]")
-    page.wait_for_function(
+    wait_js(
+        page,
         """() => !document.getElementById('auth').hidden ||
-                 document.getElementById('password-message').textContent.includes('changed')"""
+                 document.getElementById('password-message').textContent.includes('changed')""",
     )
     if page.locator("#app").is_visible():
         page.click("#account-dialog [data-close]")
@@ -520,7 +543,7 @@ def test_api_keys_and_password_panels(stack: Stack, browser: Any) -> None:
     page.fill("#login-username", username)
     page.fill("#login-password", PASSWORD)
     page.click("#login-submit")
-    page.wait_for_function("document.getElementById('login-message').textContent.includes('Wrong')")
+    wait_js(page, "() => document.getElementById('login-message').textContent.includes('Wrong')")
     page.fill("#login-password", "a brand new password")
     page.click("#login-submit")
     page.locator("#app").wait_for()
@@ -540,7 +563,7 @@ def test_phone_layout_has_no_horizontal_overflow(stack: Stack, browser: Any) -> 
     long_url = "https://example.com/" + "a-very-long-path-segment" * 12
     answer = ask(page, f"Write a Python function that adds two numbers. (see {long_url})", 1)
     assert answer
-    page.wait_for_timeout(300)
+    wait_js(page, "() => document.getElementById('chat-title').textContent !== 'New chat'", 90)
     assert overflow(page) == {}, overflow(page)
     assert page.locator("#sidebar").is_hidden() or not page.locator("#sidebar").is_visible()
     page.screenshot(path=str(SCREENSHOTS / "chat-phone.png"))
@@ -552,7 +575,8 @@ def test_phone_layout_has_no_horizontal_overflow(stack: Stack, browser: Any) -> 
     # installable: Chromium finds no problem with the manifest and icons
     cdp = page.context.new_cdp_session(page)
     errors = cdp.send("Page.getInstallabilityErrors")["installabilityErrors"]
-    assert errors == [], errors
+    # a Playwright context is off the record, which no manifest can change
+    assert [e for e in errors if e["errorId"] != "in-incognito"] == [], errors
     watch.assert_clean()
     page.context.close()
 
@@ -604,7 +628,8 @@ def test_xss_strings_stay_inert(stack: Stack, browser: Any) -> None:
         assert link.get_attribute("href") in (None, "")
         link.click()
     page.wait_for_timeout(500)
-    assert "raw link" in rendered and "<script>alert(12)</script>" in rendered  # as text
+    # raw HTML is shown as the text it is
+    assert XSS_MARKDOWN[0] in rendered and XSS_MARKDOWN[1] in rendered and "raw link</a>" in rendered
     assert page.evaluate("window.__xss") is None
     watch.assert_clean()
     page.context.close()
@@ -628,7 +653,9 @@ def test_other_users_chat_is_not_found(stack: Stack, browser: Any) -> None:
     assert bob.request.get(f"/api/chats/{cid}").status == 404
     bob_csrf = next(c["value"] for c in bob.context.cookies() if c["name"] == "llmtree_csrf")
     headers = {"X-CSRF-Token": bob_csrf}
-    assert bob.request.patch(f"/api/chats/{cid}", data={"title": "x"}, headers=headers).status == 404
+    assert (
+        bob.request.patch(f"/api/chats/{cid}", data={"title": "x"}, headers=headers).status == 404
+    )
     assert bob.request.delete(f"/api/chats/{cid}", headers=headers).status == 404
     bob.goto(f"/c/{cid}")
     bob.locator("#not-found").wait_for()
@@ -645,7 +672,7 @@ def test_other_users_chat_is_not_found(stack: Stack, browser: Any) -> None:
     assert socket_opened is False
     # Alice still has it
     alice.goto(f"/c/{cid}")
-    alice.wait_for_function("document.getElementById('chat-title').textContent.includes('secret')")
+    wait_js(alice, "() => document.getElementById('chat-title').textContent.includes('secret')")
     alice_watch.assert_clean()
     bob_watch.assert_clean()
     alice.context.close()
@@ -669,26 +696,26 @@ def test_directory_page_is_a_live_tree(stack: Stack, browser: Any) -> None:
         assert node["status"] in text
         assert (node["parent"] or "—") in text
         if node["model"]:
-            assert node["model"] in text and f"of {node['capacity']} slots" in text
+            assert node["model"] in text and f"of {node['capacity']} slot" in text
         heartbeat = card.locator(".heartbeat").inner_text()
         assert heartbeat == "just now" or heartbeat.endswith("ago"), heartbeat
     assert page.locator("#stat-nodes").inner_text() == str(len(nodes))
 
-    moved = stack.cli("parent", "worker-2", "worker-1")
-    assert moved.returncode == 0, moved.stderr
+    # live: a node that joins under worker-1 appears one level deeper, and leaves by itself
+    leaf = Proc("leaf", ["node", "--name", "leaf-1", "--parent", "worker-1"], stack.env, stack.var)
     try:
-        page.locator(nested.format("worker-1") + ' li.node[data-name="worker-2"]').wait_for(
-            timeout=15_000
+        page.locator(nested.format("worker-1") + ' li.node[data-name="leaf-1"]').wait_for(
+            timeout=120_000
         )
-        card = page.locator('.node-card[data-name="worker-2"]')
+        card = page.locator('.node-card[data-name="leaf-1"]')
         assert "child of worker-1" in card.inner_text()
+        wait_for(lambda: "of 1 slot" in card.inner_text(), 20, "leaf-1 with its model loaded")
+        page.locator("#stat-nodes").filter(has_text="4").wait_for()
         page.screenshot(path=str(SCREENSHOTS / "directory.png"), full_page=True)
     finally:
-        back = stack.cli("parent", "worker-2", "root")
-        assert back.returncode == 0, back.stderr
-    page.locator('li.node[data-name="root"] > ul > li.node[data-name="worker-2"]').wait_for(
-        timeout=15_000
-    )
+        leaf.stop(signal.SIGTERM, timeout_s=30)
+    page.locator('li.node[data-name="leaf-1"]').wait_for(state="detached", timeout=20_000)
+    assert page.locator("#stat-nodes").inner_text() == "3"
     watch.assert_clean()
     page.context.close()
 

@@ -37,6 +37,7 @@ const ERROR_TEXT = {
   busy: "An answer is already being written. Wait for it to finish, or press Stop.",
   network: "The connection to llmtree was lost. What arrived so far is kept; please try again.",
 };
+const BUSY_RETRIES = 120; // x 0.5 s
 const RETRYABLE = new Set(["overloaded", "queue_timeout", "failed", "network"]);
 
 // ---------------------------------------------------------------- small UI helpers
@@ -570,6 +571,7 @@ async function regenerate() {
 
 async function command(payload) {
   const chatId = state.chat.id;
+  if (state.generation) state.generation.payload = payload;
   try {
     const ws = await connect(chatId);
     ws.send(JSON.stringify(payload));
@@ -583,7 +585,7 @@ async function command(payload) {
 function beginGeneration({ userEl, kind }) {
   const el = messageEl({ role: "assistant", content: "", status: "streaming", id: null }, { live: true });
   $("messages").append(el);
-  state.generation = { userEl, el, message: null, content: "", kind, stopTimer: null };
+  state.generation = { userEl, el, message: null, content: "", kind, stopTimer: null, retries: 0 };
   setGenerating(true);
   refreshActions();
   scrollToBottom(true);
@@ -620,7 +622,12 @@ function onEvent(event) {
       finishGeneration(event.message);
       break;
     case "error":
-      if (g) failGeneration(event);
+      if (g && event.code === "busy" && !g.message && g.retries < BUSY_RETRIES) {
+        // The socket's previous turn is still finishing (e.g. writing the chat's title):
+        // nothing was stored for this one, so send it again in a moment.
+        g.retries += 1;
+        g.retryTimer = setTimeout(() => state.generation === g && command(g.payload), 500);
+      } else if (g) failGeneration(event);
       else showNotice(event.code, event.message);
       break;
     case "title":
@@ -692,6 +699,7 @@ function lostConnection() {
 function endGeneration() {
   const g = state.generation;
   if (g && g.stopTimer) clearTimeout(g.stopTimer);
+  if (g && g.retryTimer) clearTimeout(g.retryTimer);
   if (g) g.el.classList.remove("streaming");
   state.generation = null;
   setGenerating(false);
@@ -714,6 +722,15 @@ async function resync() {
 function stopGeneration() {
   const g = state.generation;
   if (!g) return;
+  if (!g.message && g.retries > 0) {
+    // still waiting to be accepted: nothing was stored, so take the question back
+    g.el.remove();
+    if (g.userEl) g.userEl.remove();
+    if (g.payload && g.payload.content) $("prompt").value = g.payload.content;
+    endGeneration();
+    growPrompt();
+    return;
+  }
   $("stop").disabled = true;
   $("stop").classList.add("is-busy");
   if (state.socket && state.socket.readyState === WebSocket.OPEN) {

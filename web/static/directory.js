@@ -49,7 +49,7 @@ function nodeCard(node, isRoot) {
       "dl",
       { class: "node-facts" },
       fact("parent", node.parent || "—"),
-      fact("load", capacity ? `${load} of ${capacity} slots` : `${load} (forwards only)`, h("div", { class: "load-bar" }, bar)),
+      fact("load", capacity ? `${load} of ${capacity} ${capacity === 1 ? "slot" : "slots"}` : `${load} (forwards only)`, h("div", { class: "load-bar" }, bar)),
       fact("model", node.model || "none (forwards only)"),
       fact("last heartbeat", h("span", { class: "heartbeat", dataset: { at: node.heartbeat || "" }, text: heartbeatText(node) })),
       fact("host", node.host || "—"),

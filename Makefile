@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.llmtree-installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps test-deps model run test test-fast check deploy-check lint bench clean
+.PHONY: help setup system-deps test-deps model run test test-fast check deploy-check lint bench clean web-vendor
 
 help:
 	@echo "make run        set everything up and start the local tree (gateway on http://127.0.0.1:8000)"
@@ -94,6 +94,10 @@ lint: setup
 
 bench: setup model
 	$(PY) benchmarks/run_all.py
+
+# Refresh the web UI's vendored libraries (marked, DOMPurify, highlight.js) from npm; versions pinned in the script.
+web-vendor:
+	sh web/update-vendor.sh
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache build dist src/*.egg-info

@@ -629,7 +629,9 @@ def test_xss_strings_stay_inert(stack: Stack, browser: Any) -> None:
         link.click()
     page.wait_for_timeout(500)
     # raw HTML is shown as the text it is
-    assert XSS_MARKDOWN[0] in rendered and XSS_MARKDOWN[1] in rendered and "raw link</a>" in rendered
+    assert (
+        XSS_MARKDOWN[0] in rendered and XSS_MARKDOWN[1] in rendered and "raw link</a>" in rendered
+    )
     assert page.evaluate("window.__xss") is None
     watch.assert_clean()
     page.context.close()

@@ -471,6 +471,28 @@ def test_delete_chat_and_account(gw: Gateway, alice: WebUser) -> None:
     assert db_query(gw, select(Message.id).where(Message.chat_id == keep)) == []
 
 
+def test_no_event_in_time_is_a_polite_queue_timeout(
+    gateways: dict[str, Gateway], slapd_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A gateway that waits only 1 ms for the tree's first event: the answer ends queue_timeout."""
+    sqlite = gateways["sqlite"]
+    var = tmp_path_factory.mktemp("impatient")
+    tree_env = {k: sqlite.env[k] for k in ("LLMTREE_ROOT_NAME", "LLMTREE_ROOT_PORT")}
+    impatient = Gateway(
+        "gw-impatient", slapd_settings, var, f"sqlite+aiosqlite:///{var}/chat.db",
+        LLMTREE_REQUEST_TIMEOUT_S="0.001", LLMTREE_VAR_DIR=str(var), **tree_env,
+    ).start()  # fmt: skip
+    try:
+        user = WebUser(impatient.url).signup()
+        chat_id = user.new_chat()
+        events = user.send(chat_id, "What is the capital of France?")
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "queue_timeout", events
+        assert "try again" in events[-1]["message"].lower()
+        assert user.chat(chat_id)["messages"][1]["status"] == "failed"
+    finally:
+        impatient.stop()
+
+
 # -- start-up ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("secret", ["", "too-short"])
 def test_gateway_refuses_a_missing_or_short_secret(slapd_settings: Settings, secret: str) -> None:
@@ -490,3 +512,23 @@ def test_gateway_refuses_a_missing_or_short_secret(slapd_settings: Settings, sec
     assert (
         len(errors) == 1 and "LLMTREE_JWT_SECRET" in errors[0] and "Traceback" not in result.stderr
     )
+
+
+def test_gateway_refuses_a_database_it_cannot_open(slapd_settings: Settings) -> None:
+    env = llmtree_env(
+        slapd_settings,
+        LLMTREE_JWT_SECRET="k" * 40,
+        LLMTREE_GATEWAY_PORT=str(free_port()),
+        LLMTREE_DATABASE_URL=f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "llmtree", "gateway"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("llmtree: error:")]
+    assert len(errors) == 1 and "cannot open the chat database" in errors[0]

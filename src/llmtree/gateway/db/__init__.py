@@ -8,12 +8,11 @@ still ``streaming`` when the previous gateway died as ``interrupted``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -43,7 +42,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _upgrade(connection: Connection) -> None:
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # before its import logs plugins
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -93,3 +95,24 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def prepare_database(url: str) -> None:
+    """Migrate and recover once before the server starts, so a database that cannot be opened is
+    one clear ConfigError at the command line instead of a failed ASGI start-up. Does nothing
+    inside a running event loop (the app's start-up does the same work anyway)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return
+
+    async def run() -> None:
+        db = Database(url)
+        try:
+            await db.start()
+        finally:
+            await db.close()
+
+    asyncio.run(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -255,3 +256,59 @@ def test_wrong_or_missing_password(slapd_settings: Settings) -> None:
     with pytest.raises(RegistryError, match="not connected for writing"):
         reader.register(node("nope", 9900))
     reader.close()
+
+
+def test_anonymous_and_unauthenticated_binds_cannot_write_anywhere(
+    registry: Registry, slapd_settings: Settings
+) -> None:
+    registry.register(node("guarded", 9900))
+    dn = f"cn=guarded,{slapd_settings.nodes_dn}"
+    base, services = slapd_settings.ldap_base, f"ou=Services,{slapd_settings.ldap_base}"
+    anonymous = raw_connection(slapd_settings)
+    assert not anonymous.modify_dn(dn, "cn=renamed")
+    assert not anonymous.modify(base, {"description": [(ldap3.MODIFY_REPLACE, ["pwned"])]})
+    assert not anonymous.add(f"cn=evil,{services}", ["applicationProcess"], {"cn": "evil"})
+    assert not anonymous.modify(dn, {"llmNodeURI": [(ldap3.MODIFY_REPLACE, ["PYRO:x@6.6.6.6:1"])]})
+    anonymous.unbind()
+    # an "unauthenticated" simple bind (the service DN, an empty password; ldap3 will not send
+    # one, OpenLDAP's client will) gets no further than anonymous
+    change = f"dn: {dn}\nchangetype: modify\nreplace: llmStatus\nllmStatus: down\n"
+    out = subprocess.run(
+        ["ldapmodify", "-x", "-H", slapd_settings.ldap_url, "-D", slapd_settings.service_dn]
+        + ["-w", ""],
+        input=change,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0, out.stdout
+    print(f"\nunauthenticated bind + write: {out.stderr.strip()}")
+    assert registry.lookup("guarded").uri.endswith(":9900")
+    assert registry.lookup("guarded").status == "idle"
+    assert is_gone(registry, "renamed") and is_gone(registry, "evil")
+
+
+@pytest.mark.parametrize("name", ["x,ou=Services", "cn=y,ou=Nodes", "z+cn=w"])
+def test_dn_metacharacters_stay_inside_ou_nodes(
+    registry: Registry, slapd_settings: Settings, name: str
+) -> None:
+    registry.register(node(name, 9910))
+    conn = raw_connection(slapd_settings)
+    conn.search(slapd_settings.nodes_dn, "(objectClass=llmNode)", ldap3.LEVEL, attributes=["cn"])
+    entry = [e for e in conn.entries if e.cn.value == name]
+    assert len(entry) == 1 and entry[0].entry_dn.endswith(f",{slapd_settings.nodes_dn}")
+    parts = ldap3.utils.dn.parse_dn(entry[0].entry_dn)
+    assert len(parts) == len(ldap3.utils.dn.parse_dn(slapd_settings.nodes_dn)) + 1  # one RDN more
+    services = f"ou=Services,{slapd_settings.ldap_base}"
+    conn.search(services, "(objectClass=*)", ldap3.SUBTREE)
+    assert all(not e.entry_dn.startswith(("cn=x", "cn=y", "cn=z")) for e in conn.entries)
+    conn.unbind()
+
+
+@pytest.mark.parametrize("name", [*SPECIAL_NAMES, "nul\x00", "new\nline", "x" * 64, "", "-lead"])
+def test_the_cli_refuses_names_with_metacharacters(name: str) -> None:
+    from llmtree.cli import check_name
+    from llmtree.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        check_name(name)

@@ -569,6 +569,7 @@ def test_phone_layout_has_no_horizontal_overflow(stack: Stack, browser: Any) -> 
     page.screenshot(path=str(SCREENSHOTS / "chat-phone.png"))
     page.click("#open-sidebar")
     page.locator("#sidebar .chat-item").first.wait_for()
+    page.wait_for_timeout(400)  # the drawer's slide-in transition
     assert overflow(page) == {}
     page.screenshot(path=str(SCREENSHOTS / "chat-phone-menu.png"))
     page.click("#scrim", position={"x": 370, "y": 400})

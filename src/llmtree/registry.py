@@ -278,6 +278,8 @@ class Registry:
     # -- reads (anonymous) -------------------------------------------------------------------
     def lookup(self, name: str) -> NodeRecord:
         """The node's record; UnknownNode if no node of that name is registered."""
+        if not _storable(name):  # NUL, lone surrogates, huge: no entry can have such a name
+            raise UnknownNode(f"no node named {name[:80]!r} in the directory at {self.url}")
         dn = self._dn(name)
         _, entries = self._call(
             "search", name, dn, "(objectClass=llmNode)", ldap3.BASE, attributes=NODE_ATTRIBUTES
@@ -349,3 +351,14 @@ class Registry:
                 f"LDAP {action} at {self.url} failed ({_reason(exc)});"
                 " is slapd running? try: llmtree ldap start"
             ) from exc
+
+
+def _storable(name: str) -> bool:
+    """Whether ``name`` could be an entry's cn at all (printable UTF-8, at most 255 characters)."""
+    if not 0 < len(name) <= 255 or not name.isprintable():
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

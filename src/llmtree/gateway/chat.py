@@ -23,7 +23,7 @@ from llmtree.gateway.body import read_json
 from llmtree.gateway.cache import CACHE_HEADER, cache_key, replay_stream
 from llmtree.gateway.limits import Admission, Limiter
 from llmtree.gateway.root_client import RootClient
-from llmtree.gateway.schemas import parse_chat_request
+from llmtree.gateway.schemas import chat_request_openapi, parse_chat_request
 from llmtree.gateway.sink import EventSink, RequestStream
 from llmtree.protocol import GenerateRequest, SamplingParams
 
@@ -78,7 +78,7 @@ def make_router(ctx: ChatContext) -> APIRouter:
             ],
         }
 
-    @router.post("/v1/chat/completions", response_model=None)
+    @router.post("/v1/chat/completions", response_model=None, openapi_extra=chat_request_openapi())
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         chat = parse_chat_request(await read_json(request, ctx.max_body_bytes))
         sampling = SamplingParams.from_wire(chat.sampling_wire(DEFAULT_MAX_TOKENS))

@@ -4,6 +4,7 @@ check, API key shape. (The API itself is tested against real processes in test_c
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,42 @@ def test_api_keys_are_random_and_stored_hashed() -> None:
     assert secret.startswith("llmt-") and len(secret) > 40 and secret.startswith(prefix)
     assert hashed == key_hash(secret) and secret not in hashed and len(hashed) == 64
     assert new_api_key()[0] != secret
+
+
+def test_a_gateway_restart_recovers_only_its_own_streaming_answers(tmp_path: Path) -> None:
+    import asyncio
+
+    from sqlalchemy import select
+
+    from llmtree.gateway.db import Database, gateway_owner
+    from llmtree.gateway.db.models import Chat, Message, User
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'chats.db'}"
+    mine, theirs = gateway_owner("127.0.0.1", 8000), gateway_owner("127.0.0.1", 8001)
+
+    async def run() -> dict[str | None, str]:
+        first = Database(url, mine)
+        await first.start()
+        async with first.session() as session, session.begin():
+            user = User(username="ada", password_hash="x")
+            session.add(user)
+            await session.flush()
+            chat = Chat(id="c" * 32, user_id=user.id, title="t")
+            session.add(chat)
+            await session.flush()
+            for owner in (mine, theirs, None):
+                session.add(
+                    Message(chat_id=chat.id, role="assistant", status="streaming", owner=owner)
+                )
+        await first.close()
+        tool = Database(url)  # llmtree keys / users: recovers nothing
+        assert await tool.start() == 0
+        await tool.close()
+        restarted = Database(url, mine)
+        assert await restarted.start() == 2  # its own and the ownerless one
+        async with restarted.session() as session:
+            rows = (await session.execute(select(Message))).scalars().all()
+        await restarted.close()
+        return {m.owner: m.status for m in rows}
+
+    assert asyncio.run(run()) == {mine: "interrupted", None: "interrupted", theirs: "streaming"}

@@ -24,7 +24,7 @@ from llmtree.gateway.apierror import ApiError
 from llmtree.gateway.auth import Auth
 from llmtree.gateway.chat import ChatContext, make_router
 from llmtree.gateway.chats import make_chats_router
-from llmtree.gateway.db import Database, prepare_database
+from llmtree.gateway.db import Database, gateway_owner, prepare_database
 from llmtree.gateway.limits import Limiter
 from llmtree.gateway.metrics import mount_metrics
 from llmtree.gateway.root_client import RootClient
@@ -44,9 +44,10 @@ def _error(status: int, message: str, kind: str, code: str | None = None) -> JSO
 def create_app(settings: Settings, root: RootClient | None = None) -> FastAPI:
     root_client = root or RootClient(settings)
     sink_server = SinkServer(settings.sink_host)
-    db = Database(settings.db_url)
+    owner = gateway_owner(settings.gateway_host, settings.gateway_port)
+    db = Database(settings.db_url, owner)
     auth = Auth(settings, db)  # refuses a missing or short jwt_secret outside dev mode
-    prepare_database(settings.db_url)  # migrations; a bad database fails here, in one line
+    prepare_database(settings.db_url, owner)  # migrations; a bad database fails here, in one line
     limiter = Limiter(settings)  # per-user limits by tier, response cache (Redis or in-process)
 
     @asynccontextmanager

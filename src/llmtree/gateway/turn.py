@@ -228,7 +228,13 @@ class Turn:
                 for m in rows
                 if m.content and m.status != "failed"
             ]
-            answer = Message(chat_id=self.chat.id, role="assistant", content="", status="streaming")
+            answer = Message(
+                chat_id=self.chat.id,
+                role="assistant",
+                content="",
+                status="streaming",
+                owner=db.owner,
+            )
             session.add(answer)
             await session.flush()
         return user_message, answer, history

@@ -2,8 +2,11 @@
 
 ``Database(url)`` accepts ``sqlite+aiosqlite:///path`` (WAL, foreign keys on) and
 ``postgresql+asyncpg://user@host/db``. ``start()`` creates the SQLite file's folder, brings the
-schema to the newest Alembic revision shipped in ``migrations/`` and marks answers that were
-still ``streaming`` when the previous gateway died as ``interrupted``.
+schema to the newest Alembic revision shipped in ``migrations/``. A gateway's database is
+created with its ``owner`` name (``gateway@host:port``): its ``start()`` also marks the answers that
+this gateway left ``streaming`` when it died as ``interrupted``, and leaves alone the live answers
+of other gateways sharing the database. Tools (``llmtree keys``, ``users``) have no owner and
+recover nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, update
+from sqlalchemy import event, or_, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -52,8 +55,14 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+def gateway_owner(host: str, port: int) -> str:
+    """The name a gateway writes on the answers it streams; stable across its restarts."""
+    return f"gateway@{host}:{port}"
+
+
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, owner: str | None = None) -> None:
+        self.owner = owner
         try:
             parsed = make_url(url)
         except ArgumentError:
@@ -75,20 +84,26 @@ class Database:
         )
 
     async def start(self) -> int:
-        """Migrate to the newest schema; returns how many answers were marked interrupted."""
+        """Migrate to the newest schema; returns how many of this owner's answers were marked
+        interrupted (rows from before owners were recorded count as everybody's)."""
+        recovered = 0
         try:
             async with self.engine.begin() as connection:
                 await connection.run_sync(_upgrade)
-            async with self.session() as session, session.begin():
-                result = await session.execute(
-                    update(Message)
-                    .where(Message.status == "streaming")
-                    .values(status="interrupted", error="the gateway stopped during the answer")
-                )
+            if self.owner is not None:
+                async with self.session() as session, session.begin():
+                    result = await session.execute(
+                        update(Message)
+                        .where(
+                            Message.status == "streaming",
+                            or_(Message.owner == self.owner, Message.owner.is_(None)),
+                        )
+                        .values(status="interrupted", error="the gateway stopped during the answer")
+                    )
+                recovered = int(getattr(result, "rowcount", 0) or 0)
         except (SQLAlchemyError, OSError) as error:
             where = self.url.render_as_string(hide_password=True)
             raise ConfigError(f"cannot open the chat database {where}: {error}") from None
-        recovered = int(getattr(result, "rowcount", 0) or 0)
         if recovered:
             logger.info("marked %d answers left streaming as interrupted", recovered)
         return recovered
@@ -97,7 +112,7 @@ class Database:
         await self.engine.dispose()
 
 
-def prepare_database(url: str) -> None:
+def prepare_database(url: str, owner: str | None = None) -> None:
     """Migrate and recover once before the server starts, so a database that cannot be opened is
     one clear ConfigError at the command line instead of a failed ASGI start-up. Does nothing
     inside a running event loop (the app's start-up does the same work anyway)."""
@@ -109,7 +124,7 @@ def prepare_database(url: str) -> None:
         return
 
     async def run() -> None:
-        db = Database(url)
+        db = Database(url, owner)
         try:
             await db.start()
         finally:

@@ -96,6 +96,8 @@ class Message(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    """The gateway that streams this answer (``gateway@host:port``); its restart recovers it."""
 
     def to_api(self) -> dict[str, object]:
         return {

@@ -7,6 +7,8 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.llmtree-installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# Test files run on this many processes (pytest-xdist; each file stays on one, with its fixtures).
+TEST_WORKERS ?= 2
 
 .PHONY: help setup system-deps test-deps model run test test-fast check deploy-check lint bench clean web-vendor
 
@@ -71,10 +73,10 @@ run: setup model
 	$(VENV)/bin/llmtree up
 
 test: setup test-deps model
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup test-deps model
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # deploy/: hadolint, the compose-spec schema and the Kubernetes schemas, all bundled in pip
 # packages (no network, no docker, no cluster).

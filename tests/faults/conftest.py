@@ -10,26 +10,32 @@ from llmtree.config import Settings
 
 from .harness import TreeHarness
 
-FIGURES: list[str] = []
-
 
 @pytest.fixture
 def figure(request: pytest.FixtureRequest) -> Iterator[object]:
     """``figure("text")`` prints a measured figure and lists it in the run's summary."""
 
     def record(text: str) -> None:
-        line = f"{request.node.name}: {text}"
-        print(f"FIGURE {line}")
-        FIGURES.append(line)
+        print(f"FIGURE {request.node.name}: {text}")
         request.node.user_properties.append(("figure", text))
 
     yield record
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if FIGURES:
+    """Every test's figures, read from the reports (so they also come back from xdist workers)."""
+    lines: list[str] = []
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") != "call":
+                continue
+            name = str(getattr(report, "nodeid", "")).rsplit("::", 1)[-1]
+            for key, value in getattr(report, "user_properties", []):
+                if key == "figure":
+                    lines.append(f"{name}: {value}")
+    if lines:
         terminalreporter.section("fault suite figures")
-        for line in FIGURES:
+        for line in lines:
             terminalreporter.write_line(line)
 
 

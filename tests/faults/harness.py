@@ -68,12 +68,15 @@ class TreeHarness:
         logs: Path,
         host: str = "127.0.0.1",
         slots: int = 24,
+        root_name: str = "root",
         **env: str,
     ) -> None:
         self.settings = settings
         self.logs = logs
         self.host = host
         self.slots = slots
+        self.root_name = root_name
+        """The root's registered name; ``"root"`` in this harness's calls means it."""
         self.env = llmtree_env(
             settings,
             LLMTREE_THREADS="1",
@@ -81,6 +84,7 @@ class TreeHarness:
             LLMTREE_CALL_TIMEOUT_S="2",
             LLMTREE_LOG_LEVEL="INFO",
             LLMTREE_BATCH_INVARIANT="1",  # greedy answers comparable across batches
+            LLMTREE_ROOT_NAME=root_name,
             **env,
         )
         self.procs: dict[str, NodeProc] = {}
@@ -95,10 +99,11 @@ class TreeHarness:
     def start_root(self) -> None:
         args = ["--root", "--host", self.host, "--port", str(self.root_port)]
         env = {**self.env, "LLMTREE_ROOT_HOST": self.host}
-        self.procs["root"] = NodeProc("root", args, env, self.logs)
+        self.procs["root"] = NodeProc(self.root_name, args, env, self.logs)
         self.wait_ready("root")
 
     def start_worker(self, name: str, parent: str, netns: str = "", host: str = "") -> None:
+        parent = self.root_name if parent == "root" else parent
         args = ["--parent", parent, "--slots", str(self.slots), "--host", host or self.host]
         self.procs[name] = NodeProc(name, args, self.env, self.logs, netns=netns)
 

@@ -22,7 +22,10 @@ pytestmark = [pytest.mark.ldap, pytest.mark.model, pytest.mark.slow]
 
 @pytest.fixture
 def one_slot(slapd_settings: Settings, tmp_path: Path) -> Iterator[TreeHarness]:
-    tree = TreeHarness(slapd_settings, tmp_path, slots=1, LLMTREE_QUEUE_TIMEOUT_S="3")
+    # its own root name: the package's chain tree (root "root") may still be running
+    tree = TreeHarness(
+        slapd_settings, tmp_path, slots=1, root_name="qroot", LLMTREE_QUEUE_TIMEOUT_S="3"
+    )
     try:
         tree.start_root()
         tree.start_worker("wq", "root")

@@ -78,3 +78,21 @@ def registry(slapd_settings: Settings) -> Iterator[Registry]:
             if record.name not in before:
                 cleaner.unregister(record.name)
         cleaner.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's figures (``figure`` fixture in tests/faults), read from the test reports:
+    this conftest is the one pytest-xdist's controller loads, so they show with ``-n`` too."""
+    lines: list[str] = []
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") != "call":
+                continue
+            name = str(getattr(report, "nodeid", "")).rsplit("::", 1)[-1]
+            for key, value in getattr(report, "user_properties", []):
+                if key == "figure":
+                    lines.append(f"{name}: {value}")
+    if lines:
+        terminalreporter.section("fault suite figures")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -22,23 +22,6 @@ def figure(request: pytest.FixtureRequest) -> Iterator[object]:
     yield record
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Every test's figures, read from the reports (so they also come back from xdist workers)."""
-    lines: list[str] = []
-    for outcome in ("passed", "failed", "error"):
-        for report in terminalreporter.stats.get(outcome, []):
-            if getattr(report, "when", "call") != "call":
-                continue
-            name = str(getattr(report, "nodeid", "")).rsplit("::", 1)[-1]
-            for key, value in getattr(report, "user_properties", []):
-                if key == "figure":
-                    lines.append(f"{name}: {value}")
-    if lines:
-        terminalreporter.section("fault suite figures")
-        for line in lines:
-            terminalreporter.write_line(line)
-
-
 @pytest.fixture(scope="package")
 def chain(
     slapd_settings: Settings, tmp_path_factory: pytest.TempPathFactory

@@ -71,12 +71,21 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
 class Proc:
     """One llmtree process with its output kept in a log file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        prefix: list[str] | None = None,
+        log_name: str | None = None,
+    ) -> None:
+        """``prefix`` runs the command through another (e.g. ``ip netns exec NS``)."""
         self.name = name
-        self.log = log_dir / f"{name}.out"
+        self.log = log_dir / f"{log_name or name}.out"
         self._file = self.log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "llmtree", *args],
+            [*(prefix or []), sys.executable, "-m", "llmtree", *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._file,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ from llmtree.config import Settings
 from llmtree.registry import Registry
 from llmtree.tree.client import Peers, node_uri
 
-from cluster import REPO, CollectorServer, free_port, llmtree_env, wait_for
+from cluster import CollectorServer, Proc, free_port, llmtree_env, wait_for
 
 TOPICS = [
     "lighthouse keeper", "red fox", "clockmaker", "dragon", "sailor", "robot", "baker",
@@ -23,40 +21,20 @@ TOPICS = [
 ]  # fmt: skip
 
 
-class NodeProc:
-    """One node process (optionally inside a network namespace), output kept in a log file."""
+class NodeProc(Proc):
+    """One node process (optionally inside a network namespace); a restart gets a new log."""
 
     def __init__(
         self, name: str, args: list[str], env: dict[str, str], logs: Path, netns: str = ""
     ) -> None:
-        self.name = name
-        self.log = logs / f"{name}-{time.monotonic_ns()}.out"
-        self._file = self.log.open("wb")
-        prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.popen = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "llmtree", "node", "--name", name, *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._file,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
+        super().__init__(
+            name,
+            ["node", "--name", name, *args],
+            env,
+            logs,
+            prefix=["ip", "netns", "exec", netns] if netns else None,
+            log_name=f"{name}-{time.monotonic_ns()}",
         )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._file.close()
 
 
 class TreeHarness:

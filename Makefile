@@ -29,6 +29,11 @@ system-deps:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq slapd ldap-utils >/dev/null; \
 	fi
+	@if ! command -v cc >/dev/null 2>&1 || [ ! -f /usr/include/stdint.h ]; then \
+		echo "installing gcc with apt-get (the engine's fused CPU kernels)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq gcc libc6-dev >/dev/null; \
+	fi
 
 test-deps: system-deps
 	@if ! command -v ip >/dev/null 2>&1; then \

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     """Context window a worker allocates per slot (prompt + answer)."""
     batch_invariant: bool = False
     """float32 and no int4 path, so greedy answers do not depend on the batch (slower)."""
+    native_kernels: bool = True
+    """Fused C kernels for the CPU bf16 forward, built once per machine with the C compiler;
+    false (or no compiler) keeps the pure PyTorch path."""
 
     # -- gateway -----------------------------------------------------------------------------
     gateway_host: str = "127.0.0.1"

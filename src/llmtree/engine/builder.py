@@ -96,7 +96,15 @@ def build(settings: Settings, progress: Callable[[str], None]) -> BuiltModel:
     max_model_len = _context_length(settings, loaded.model.config)
     eos_token_ids = _eos_token_ids(loaded.model, chat)
     progress("preparing the model...")
-    forward = LlamaForward(loaded.model, max_model_len, dtype, allow_int4=not invariant)
+    forward = LlamaForward(
+        loaded.model,
+        max_model_len,
+        dtype,
+        allow_int4=not invariant,
+        allow_native=settings.native_kernels,
+    )
+    if forward.kernels is not None:
+        logger.info("the forward uses the fused CPU kernels")
     loaded.model = None  # the forward holds the weights now
     _trim_heap()
     runner = ModelRunner(forward, settings.slots, max_model_len, eos_token_ids)

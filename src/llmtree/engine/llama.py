@@ -5,6 +5,11 @@ each) and the HF model is dropped. One ``forward`` runs every token of a step as
 batch through the linear layers; attention runs once for all decode rows (a view of the cache,
 masked by length) and once per prefill chunk; keys and values of grouped-query heads are never
 repeated. Called by the runner on the engine loop thread.
+
+On a CPU in bf16 the glue between the matrix products (RMS norms with the residual adds, rotary
+embedding with the cache writes, SiLU-and-multiply, and the decode attention) runs in the fused
+kernels of ``native`` when they could be built here: the same rounding steps as the PyTorch
+code, in one call each instead of four to eight small operators.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmtree.engine import native
 from llmtree.engine.kv_cache import KVCache
 from llmtree.engine.linear import INT4_MAX_ROWS, Linear, can_pack
 from llmtree.errors import ConfigError
@@ -32,14 +38,15 @@ class DecodeRows:
     """Slot of each row, ascending."""
     positions: torch.Tensor
     """Where each row's key and value go (the sequence's length before this token)."""
-    cache_rows: torch.Tensor
-    """``[num_rows * kv_heads]``: where each row's keys go in ``KVCache.rows(layer)``."""
+    cache_rows: torch.Tensor | None
+    """``[num_rows * kv_heads]``: where each row's keys go in ``KVCache.rows(layer)``
+    (PyTorch path only)."""
     width: int
     """Cache rows the attention spans: highest slot + 1."""
     length: int
     """Cache positions the attention spans: the longest sequence, this token included."""
-    mask: torch.Tensor
-    """``[width, 1, 1, length]``: 0 where a row may attend, -inf elsewhere."""
+    mask: torch.Tensor | None
+    """``[width, 1, 1, length]``: 0 where a row may attend, -inf elsewhere (PyTorch path only)."""
     is_dense: bool
     """True when the slots are exactly 0..num_rows-1, so no scatter is needed."""
 
@@ -52,8 +59,8 @@ class PrefillRows:
     num_tokens: int
     slot: int
     start: int
-    mask: torch.Tensor
-    """``[num_tokens, start + num_tokens]``: causal, additive (0 or -inf)."""
+    mask: torch.Tensor | None
+    """``[num_tokens, start + num_tokens]``: causal, additive (0 or -inf); PyTorch path only."""
 
 
 @dataclass(slots=True)
@@ -62,6 +69,10 @@ class ForwardBatch:
 
     input_ids: torch.Tensor
     positions: torch.Tensor
+    slots: torch.Tensor
+    """The cache slot of every row."""
+    lengths: torch.Tensor
+    """Cache positions every row attends to: its position + 1."""
     decode: DecodeRows | None
     prefills: list[PrefillRows]
     sample_rows: torch.Tensor
@@ -113,10 +124,15 @@ class LlamaForward:
     """
 
     def __init__(
-        self, hf_model: Any, max_len: int, dtype: torch.dtype, allow_int4: bool = True
+        self,
+        hf_model: Any,
+        max_len: int,
+        dtype: torch.dtype,
+        allow_int4: bool = True,
+        allow_native: bool = True,
     ) -> None:
         """``allow_int4`` False keeps every weight dense (a row's numbers then never depend on
-        how many sequences decode beside it)."""
+        how many sequences decode beside it); ``allow_native`` False keeps the PyTorch path."""
         config = hf_model.config
         self._allow_int4 = allow_int4
         check_supported(config)
@@ -151,6 +167,23 @@ class LlamaForward:
         half = self.head_dim // 2
         self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self.uses_int4 = any(layer.qkv.int4 is not None for layer in self.layers)
+        self.kernels = self._native_kernels() if allow_native else None
+
+    def _native_kernels(self) -> native.CpuKernels | None:
+        """The fused CPU kernels, where they fit this model and device (else None)."""
+        fits = (
+            self.device.type == "cpu"
+            and self.dtype == torch.bfloat16
+            and self.layers[0].q_norm is None
+            and self.head_dim <= 512
+            and self.head_dim % 2 == 0
+        )
+        return native.load() if fits else None
+
+    @property
+    def needs_masks(self) -> bool:
+        """True when attention runs in PyTorch (it takes masks and cache row indexes)."""
+        return self.kernels is None
 
     @property
     def num_layers(self) -> int:
@@ -190,6 +223,8 @@ class LlamaForward:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Logits ``[len(sample_rows), vocab]`` of one step; writes the step's keys and values."""
+        if self.kernels is not None:
+            return self._forward_native(self.kernels, batch, cache)
         x = F.embedding(batch.input_ids, self.embed)
         cos = self.cos[batch.positions].unsqueeze(1)
         sin = self.sin[batch.positions].unsqueeze(1)
@@ -213,6 +248,61 @@ class LlamaForward:
             x = x + layer.down(F.silu(gate) * up, small)
         return self.lm_head(self.rms_norm(x[batch.sample_rows], self.norm))
 
+    def _forward_native(
+        self, kernels: native.CpuKernels, batch: ForwardBatch, cache: KVCache
+    ) -> torch.Tensor:
+        """``forward`` with the fused CPU kernels; the same numbers up to the attention sums."""
+        x = F.embedding(batch.input_ids, self.embed)
+        decodes = batch.decode.num_rows if batch.decode is not None else 0
+        small = decodes if decodes <= INT4_MAX_ROWS else 0
+        eps, layers = self.eps, self.layers
+        h = kernels.rms_norm(x, layers[0].input_norm, eps)
+        for index, layer in enumerate(layers):
+            qkv = layer.qkv(h, small)
+            k_cache, v_cache = cache.layer(index)
+            kernels.rope_store(
+                qkv,
+                self.cos,
+                self.sin,
+                batch.slots,
+                batch.positions,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                k_cache,
+                v_cache,
+            )
+            attn = self._attention_native(kernels, qkv, batch, k_cache, v_cache)
+            h = kernels.add_rms_norm(x, layer.o(attn, small).contiguous(), layer.post_norm, eps)
+            delta = layer.down(kernels.silu_mul(layer.gate_up(h, small)), small).contiguous()
+            if index + 1 < len(layers):
+                h = kernels.add_rms_norm(x, delta, layers[index + 1].input_norm, eps)
+            else:
+                x.add_(delta)
+        return self.lm_head(kernels.rms_norm(x[batch.sample_rows], self.norm, eps))
+
+    def _attention_native(
+        self,
+        kernels: native.CpuKernels,
+        qkv: torch.Tensor,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every row (decoding or prompt) attends over its slot's cache up to its position."""
+        out = qkv.new_empty(qkv.shape[0], self.num_heads * self.head_dim)
+        kernels.attention(
+            qkv,
+            k_cache,
+            v_cache,
+            batch.slots,
+            batch.lengths,
+            self.num_heads,
+            out,
+            torch.get_num_threads(),
+        )
+        return out
+
     def _attention(
         self,
         index: int,
@@ -230,6 +320,7 @@ class LlamaForward:
         out = None if not batch.prefills else q.new_empty(num_rows, self.num_heads * head_dim)
         if decode is not None:
             n = decode.num_rows
+            assert decode.cache_rows is not None and decode.mask is not None
             k_rows, v_rows = cache.rows(index)
             k_rows.index_copy_(0, decode.cache_rows, k[:n].reshape(-1, head_dim))
             v_rows.index_copy_(0, decode.cache_rows, v[:n].reshape(-1, head_dim))
@@ -255,6 +346,7 @@ class LlamaForward:
         for chunk in batch.prefills:
             rows = slice(chunk.row, chunk.row + chunk.num_tokens)
             end, size = chunk.start + chunk.num_tokens, chunk.num_tokens
+            assert chunk.mask is not None
             k_cache[chunk.slot, :, chunk.start : end] = k[rows].transpose(0, 1)
             v_cache[chunk.slot, :, chunk.start : end] = v[rows].transpose(0, 1)
             result = F.scaled_dot_product_attention(

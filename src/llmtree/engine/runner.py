@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from llmtree.engine import native
 from llmtree.engine.kv_cache import KVCache
 from llmtree.engine.llama import DecodeRows, ForwardBatch, LlamaForward, PrefillRows
 from llmtree.engine.sampler import Sampler, SampleRow
@@ -28,6 +29,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = model.device
+        if model.kernels is not None:  # the kernels' key layout is in whole blocks of positions
+            max_len = -(-max_len // native.KEY_BLOCK) * native.KEY_BLOCK
         self.cache = KVCache(
             model.num_layers,
             num_slots,
@@ -37,7 +40,8 @@ class ModelRunner:
             model.dtype,
             model.device,
         )
-        self.sampler = Sampler(eos_token_ids)
+        kernels = model.kernels
+        self.sampler = Sampler(eos_token_ids, argmax=kernels.argmax if kernels else None)
 
     def run(self, plan: StepPlan) -> list[int]:
         """One new token id for each sequence of ``plan.samples``, in that order."""
@@ -67,6 +71,7 @@ class ModelRunner:
     def _build(self, plan: StepPlan) -> ForwardBatch:
         input_ids = [seq.last_token_id for seq in plan.decodes]
         positions = [seq.num_tokens - 1 for seq in plan.decodes]
+        slots = [seq.slot for seq in plan.decodes]
         sample_rows = list(range(len(plan.decodes)))
         decode = self._decode_rows(plan) if plan.decodes else None
         prefills = []
@@ -74,14 +79,16 @@ class ModelRunner:
             row, end = len(input_ids), chunk.start + chunk.num_tokens
             input_ids.extend(chunk.seq.prompt_ids[chunk.start : end])
             positions.extend(range(chunk.start, end))
-            prefills.append(
-                PrefillRows(row, chunk.num_tokens, chunk.seq.slot, chunk.start, self._causal(chunk))
-            )
+            slots.extend([chunk.seq.slot] * chunk.num_tokens)
+            mask = self._causal(chunk) if self.model.needs_masks else None
+            prefills.append(PrefillRows(row, chunk.num_tokens, chunk.seq.slot, chunk.start, mask))
             if chunk.is_last:
                 sample_rows.append(row + chunk.num_tokens - 1)
         return ForwardBatch(
             input_ids=self._tensor(input_ids),
             positions=self._tensor(positions),
+            slots=self._tensor(slots),
+            lengths=self._tensor([position + 1 for position in positions]),
             decode=decode,
             prefills=prefills,
             sample_rows=self._tensor(sample_rows),
@@ -94,25 +101,29 @@ class ModelRunner:
         # Rounding the span up keeps each row's attention sums in the same order whatever the
         # other rows' lengths are, so a sequence's numbers do not depend on its neighbours.
         length = min(-(-(max(positions) + 1) // SPAN_ALIGN) * SPAN_ALIGN, self.cache.max_len)
-        lengths = [1] * width
-        for slot, position in zip(slots, positions, strict=True):
-            lengths[slot] = position + 1
-        span = torch.arange(length, device=self.device)
-        mask = self._additive(span[None, :] < self._tensor(lengths)[:, None])
-        return DecodeRows(
-            num_rows=len(slots),
-            slots=self._tensor(slots),
-            positions=self._tensor(positions),
-            cache_rows=self._tensor(
+        mask = cache_rows = None
+        if self.model.needs_masks:
+            lengths = [1] * width
+            for slot, position in zip(slots, positions, strict=True):
+                lengths[slot] = position + 1
+            span = torch.arange(length, device=self.device)
+            allowed = span[None, :] < self._tensor(lengths)[:, None]
+            mask = self._additive(allowed).view(width, 1, 1, length)
+            cache_rows = self._tensor(
                 [
                     row
                     for s, p in zip(slots, positions, strict=True)
                     for row in self.cache.row_index(s, p)
                 ]
-            ),
+            )
+        return DecodeRows(
+            num_rows=len(slots),
+            slots=self._tensor(slots),
+            positions=self._tensor(positions),
+            cache_rows=cache_rows,
             width=width,
             length=length,
-            mask=mask.view(width, 1, 1, length),
+            mask=mask,
             is_dense=slots == list(range(len(slots))),
         )
 

@@ -8,7 +8,7 @@ its own logits and its own seed, not on the rows beside it. Called by the runner
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +37,14 @@ class SampleRow:
 class Sampler:
     """Turns a step's logits into one token id per row."""
 
-    def __init__(self, eos_token_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        eos_token_ids: Sequence[int],
+        argmax: Callable[[torch.Tensor], list[int]] | None = None,
+    ) -> None:
+        """``argmax``: a faster first-index-of-the-maximum for contiguous bf16 CPU logits."""
         self.eos_token_ids = list(eos_token_ids)
+        self._argmax = argmax
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
@@ -59,6 +65,10 @@ class Sampler:
         return tokens
 
     def _greedy(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
+        fast = self._argmax is not None and logits.dtype == torch.bfloat16
+        if fast and logits.device.type == "cpu" and logits.is_contiguous():
+            assert self._argmax is not None
+            return self._argmax(logits)
         return [int(token) for token in logits.float().argmax(dim=-1).tolist()]
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:

@@ -1,0 +1,329 @@
+/* Fused bf16 kernels for the CPU decode path of llmtree's Llama forward.
+ *
+ * Eager PyTorch spends most of a small decode step dispatching tiny operators (an RMS norm is
+ * seven of them, rotary embedding four, a cache write two more); on a two-core CPU each costs
+ * 5-15 us whatever its size. These kernels do each of those jobs in one pass, with the same
+ * rounding steps as the PyTorch code they replace (every intermediate that PyTorch rounds to
+ * bf16 is rounded here too), plus an attention kernel for one-token queries that reads the slot
+ * cache in place (no mask, no gather) and never depends on the other rows of the batch.
+ *
+ * Built once per machine by llmtree/engine/native.py (cc -O3 -march=native -fopenmp) and called
+ * through ctypes. Threads come from the OpenMP runtime PyTorch already loaded (same soname), so
+ * the kernels share PyTorch's thread pool instead of adding one. Every index that addresses the
+ * cache is checked here as well as by the caller: an out-of-range row is skipped, never written.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as c10::BFloat16 does; NaN stays NaN. Branch-free, so it vectorises. */
+static inline bf16 f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    return (bf16)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+/* exp(x) to about 1 ulp (Cephes' polynomial). The rounding to an integer power of two is done
+ * by adding 1.5 * 2^23, not by floorf or a float-to-int conversion, so loops over it vectorise. */
+static inline float fexp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float shifted = x * 1.44269504088896341f + 12582912.0f;
+    float n = shifted - 12582912.0f;
+    uint32_t n_bits;
+    memcpy(&n_bits, &shifted, sizeof n_bits);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits = (n_bits - 0x4b400000u + 127u) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static void rms_row(const bf16 *x, const bf16 *w, bf16 *out, int64_t dim, float eps) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < dim; i++) {
+        float f = bf2f(x[i]);
+        sum += f * f;
+    }
+    float r = 1.0f / sqrtf(sum / (float)dim + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < dim; i++) out[i] = f2bf(bf2f(f2bf(bf2f(x[i]) * r)) * bf2f(w[i]));
+}
+
+/* out[r] = rms_norm(x[r]) * w, Hugging Face's order: float32 norm, rounded, times the weight. */
+void lt_rms_norm(const bf16 *x, int64_t x_stride, const bf16 *w, bf16 *out, int64_t rows,
+                 int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) rms_row(x + r * x_stride, w, out + r * dim, dim, eps);
+}
+
+/* x += delta (the residual, in place), then out = rms_norm(x) * w. */
+void lt_add_rms_norm(bf16 *x, const bf16 *delta, const bf16 *w, bf16 *out, int64_t rows,
+                     int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        bf16 *xr = x + r * dim;
+        const bf16 *dr = delta + r * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i++) xr[i] = f2bf(bf2f(xr[i]) + bf2f(dr[i]));
+        rms_row(xr, w, out + r * dim, dim, eps);
+    }
+}
+
+/* out = silu(gate) * up, where each row of gate_up is [gate | up]. */
+void lt_silu_mul(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= 8)
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *restrict g = gate_up + r * 2 * inter;
+        const bf16 *restrict u = g + inter;
+        bf16 *restrict o = out + r * inter;
+        for (int64_t i = 0; i < inter; i++) {
+            float x = bf2f(g[i]);
+            float s = bf2f(f2bf(x / (1.0f + fexp(-x))));
+            o[i] = f2bf(s * bf2f(u[i]));
+        }
+    }
+}
+
+/* The cache layout. Values are [slots, kv_heads, max_len, head_dim]: one row per position, which
+ * is what the weighted sum of values reads. Keys are stored in blocks of KEY_BLOCK positions,
+ * [slots, kv_heads, max_len / KEY_BLOCK, head_dim, KEY_BLOCK]: the scores of a block are then
+ * head_dim vertical multiply-adds over KEY_BLOCK lanes, with no horizontal sums. max_len is a
+ * multiple of KEY_BLOCK (the caller rounds the cache up). */
+#define KEY_BLOCK 16
+
+static inline int64_t key_offset(int64_t slot, int64_t head, int64_t pos, int64_t kv_heads,
+                                 int64_t head_dim, int64_t max_len) {
+    return (slot * kv_heads + head) * max_len * head_dim + (pos / KEY_BLOCK) * head_dim * KEY_BLOCK +
+           pos % KEY_BLOCK;
+}
+
+/* Rotary embedding of the query and key heads of each row of qkv ([rows, heads + 2 kv_heads,
+ * head_dim]), in place, and the row's rotated keys and its values written into the layer's cache
+ * at (slots[r], positions[r]). cos/sin are the [max_len, head_dim] tables; sin has its first half
+ * negated, so rotate_half(x) * sin == roll(x, half) * sin. */
+void lt_rope_store(bf16 *qkv, const bf16 *cos_table, const bf16 *sin_table,
+                   const int64_t *slots, const int64_t *positions, int64_t rows, int64_t heads,
+                   int64_t kv_heads, int64_t head_dim, bf16 *k_cache, bf16 *v_cache,
+                   int64_t num_slots, int64_t max_len) {
+    int64_t half = head_dim / 2, width = (heads + 2 * kv_heads) * head_dim;
+    bf16 tmp[512];
+    if (head_dim > 512 || max_len % KEY_BLOCK) return;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t slot = slots[r], pos = positions[r];
+        if (pos < 0 || pos >= max_len) continue;
+        bf16 *row = qkv + r * width;
+        const bf16 *c = cos_table + pos * head_dim, *s = sin_table + pos * head_dim;
+        for (int64_t h = 0; h < heads + kv_heads; h++) {
+            bf16 *x = row + h * head_dim;
+            memcpy(tmp, x, (size_t)head_dim * sizeof(bf16));
+            for (int64_t i = 0; i < half; i++) {
+                float a = bf2f(f2bf(bf2f(tmp[i]) * bf2f(c[i])));
+                float b = bf2f(f2bf(bf2f(tmp[i + half]) * bf2f(s[i])));
+                x[i] = f2bf(a + b);
+            }
+            for (int64_t i = half; i < head_dim; i++) {
+                float a = bf2f(f2bf(bf2f(tmp[i]) * bf2f(c[i])));
+                float b = bf2f(f2bf(bf2f(tmp[i - half]) * bf2f(s[i])));
+                x[i] = f2bf(a + b);
+            }
+        }
+        if (slot < 0 || slot >= num_slots) continue;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const bf16 *key = row + (heads + h) * head_dim;
+            bf16 *k = k_cache + key_offset(slot, h, pos, kv_heads, head_dim, max_len);
+            for (int64_t d = 0; d < head_dim; d++) k[d * KEY_BLOCK] = key[d];
+            memcpy(v_cache + ((slot * kv_heads + h) * max_len + pos) * head_dim,
+                   row + (heads + kv_heads + h) * head_dim, (size_t)head_dim * sizeof(bf16));
+        }
+    }
+}
+
+#define MAX_GROUPS 8
+
+#if defined(__AVX512F__)
+static inline __m512 load16(const bf16 *p) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+/* scores[g * stride + lane] = q[g] . key(lane) for the KEY_BLOCK keys of one block. */
+static inline void score_block(const float *restrict q, const bf16 *restrict block, int64_t groups,
+                               int64_t head_dim, float *restrict scores, int64_t stride) {
+#if defined(__AVX512F__)
+    if (KEY_BLOCK == 16 && groups <= MAX_GROUPS) {
+        __m512 acc[MAX_GROUPS];
+        for (int64_t g = 0; g < groups; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < head_dim; d++) {
+            __m512 k = load16(block + d * KEY_BLOCK);
+            for (int64_t g = 0; g < groups; g++)
+                acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * head_dim + d]), k, acc[g]);
+        }
+        for (int64_t g = 0; g < groups; g++) _mm512_storeu_ps(scores + g * stride, acc[g]);
+        return;
+    }
+#endif
+    for (int64_t g = 0; g < groups; g++) {
+        float acc[KEY_BLOCK] = {0};
+        const float *qg = q + g * head_dim;
+        for (int64_t d = 0; d < head_dim; d++) {
+            const bf16 *k = block + d * KEY_BLOCK;
+            float qd = qg[d];
+            for (int64_t lane = 0; lane < KEY_BLOCK; lane++) acc[lane] += qd * bf2f(k[lane]);
+        }
+        for (int64_t lane = 0; lane < KEY_BLOCK; lane++) scores[g * stride + lane] = acc[lane];
+    }
+}
+
+/* acc[g * head_dim + d] = sum over t < length of p[g * stride + t] * values[t][d]. */
+static inline void weigh_values(const float *restrict p, int64_t stride, const bf16 *restrict values,
+                                int64_t length, int64_t groups, int64_t head_dim,
+                                float *restrict acc) {
+#if defined(__AVX512F__)
+    if (head_dim == 64 && groups <= 4) {  /* every accumulator in a register: one pass */
+        __m512 sum[4][4];
+        for (int64_t g = 0; g < 4; g++)
+            for (int64_t c = 0; c < 4; c++) sum[g][c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < length; t++) {
+            const bf16 *row = values + t * 64;
+            __m512 v0 = load16(row), v1 = load16(row + 16), v2 = load16(row + 32),
+                   v3 = load16(row + 48);
+            for (int64_t g = 0; g < groups; g++) {
+                __m512 w = _mm512_set1_ps(p[g * stride + t]);
+                sum[g][0] = _mm512_fmadd_ps(w, v0, sum[g][0]);
+                sum[g][1] = _mm512_fmadd_ps(w, v1, sum[g][1]);
+                sum[g][2] = _mm512_fmadd_ps(w, v2, sum[g][2]);
+                sum[g][3] = _mm512_fmadd_ps(w, v3, sum[g][3]);
+            }
+        }
+        for (int64_t g = 0; g < groups; g++)
+            for (int64_t c = 0; c < 4; c++) _mm512_storeu_ps(acc + g * 64 + c * 16, sum[g][c]);
+        return;
+    }
+    if (head_dim % 16 == 0 && groups <= MAX_GROUPS) {
+        for (int64_t d = 0; d < head_dim; d += 16) {
+            __m512 sum[MAX_GROUPS];
+            for (int64_t g = 0; g < groups; g++) sum[g] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < length; t++) {
+                __m512 v = load16(values + t * head_dim + d);
+                for (int64_t g = 0; g < groups; g++)
+                    sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * stride + t]), v, sum[g]);
+            }
+            for (int64_t g = 0; g < groups; g++) _mm512_storeu_ps(acc + g * head_dim + d, sum[g]);
+        }
+        return;
+    }
+#endif
+    memset(acc, 0, sizeof(float) * (size_t)(groups * head_dim));
+    for (int64_t t = 0; t < length; t++) {
+        const bf16 *restrict v = values + t * head_dim;
+        for (int64_t g = 0; g < groups; g++) {
+            float weight = p[g * stride + t];
+            float *restrict ag = acc + g * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) ag[d] += weight * bf2f(v[d]);
+        }
+    }
+}
+
+/* Attention of one query token per row over its own slot's first lengths[r] cached positions:
+ * decode rows (length = position + 1) and prompt rows alike, so causality is just the length.
+ * q is read from qkv rows (the first `heads` heads, already rotated); the heads sharing a kv head
+ * are done together so each key and value is read once. out is [rows, heads * head_dim].
+ * Softmax in float32; a row's result depends only on that row's query and cache. */
+void lt_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_cache, const bf16 *v_cache,
+                  const int64_t *slots, const int64_t *lengths, int64_t rows, int64_t heads,
+                  int64_t kv_heads, int64_t head_dim, int64_t num_slots, int64_t max_len,
+                  float scale, bf16 *out, int num_threads) {
+    int64_t groups = heads / kv_heads, items = rows * kv_heads;
+    if (max_len % KEY_BLOCK) return;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && items > 1)
+    {
+        float *qf = malloc(sizeof(float) * (size_t)(groups * head_dim));
+        float *acc = malloc(sizeof(float) * (size_t)(groups * head_dim));
+        float *scores = malloc(sizeof(float) * (size_t)(groups * max_len));
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t item = 0; item < items; item++) {
+            int64_t r = item / kv_heads, h = item % kv_heads;
+            int64_t slot = slots[r], length = lengths[r];
+            bf16 *o = out + r * heads * head_dim + h * groups * head_dim;
+            if (!qf || !acc || !scores || slot < 0 || slot >= num_slots || length <= 0) {
+                memset(o, 0, sizeof(bf16) * (size_t)(groups * head_dim));
+                continue;
+            }
+            if (length > max_len) length = max_len;
+            const bf16 *q = qkv + r * row_stride + h * groups * head_dim;
+            for (int64_t i = 0; i < groups * head_dim; i++) qf[i] = bf2f(q[i]) * scale;
+            const bf16 *keys = k_cache + key_offset(slot, h, 0, kv_heads, head_dim, max_len);
+            const bf16 *values = v_cache + (slot * kv_heads + h) * max_len * head_dim;
+            int64_t blocks = (length + KEY_BLOCK - 1) / KEY_BLOCK;
+            for (int64_t b = 0; b < blocks; b++)
+                score_block(qf, keys + b * head_dim * KEY_BLOCK, groups, head_dim,
+                            scores + b * KEY_BLOCK, max_len);
+            for (int64_t g = 0; g < groups; g++) {
+                float *sg = scores + g * max_len;
+                float top = sg[0], total = 0.0f;
+                for (int64_t t = 1; t < length; t++) top = sg[t] > top ? sg[t] : top;
+                for (int64_t t = 0; t < length; t++) {
+                    sg[t] = fexp(sg[t] - top);
+                    total += sg[t];
+                }
+                float inv = 1.0f / total;
+                for (int64_t t = 0; t < length; t++) sg[t] *= inv;
+            }
+            weigh_values(scores, max_len, values, length, groups, head_dim, acc);
+            for (int64_t i = 0; i < groups * head_dim; i++) o[i] = f2bf(acc[i]);
+        }
+        free(qf);
+        free(acc);
+        free(scores);
+    }
+}
+
+/* Index of the first largest value of each row (greedy decoding). bf16 values are mapped to
+ * unsigned keys that sort like the numbers, so the maximum is an integer reduction that
+ * vectorises; a second pass finds where it first occurs. */
+static inline uint16_t order_key(bf16 b) {
+    return (uint16_t)((b & 0x8000u) ? (uint16_t)~b : (uint16_t)(b | 0x8000u));
+}
+
+void lt_argmax(const bf16 *logits, int64_t rows, int64_t vocab, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *row = logits + r * vocab;
+        uint16_t best = 0;
+        for (int64_t i = 0; i < vocab; i++) {
+            uint16_t key = order_key(row[i]);
+            best = key > best ? key : best;
+        }
+        int64_t index = 0;
+        for (int64_t i = 0; i < vocab; i++) {
+            if (order_key(row[i]) == best) {
+                index = i;
+                break;
+            }
+        }
+        out[r] = index;
+    }
+}

@@ -1,0 +1,267 @@
+"""The fused CPU kernels of ``cpu_kernels.c``: built once per machine, called through ctypes.
+
+``load()`` compiles the C file with the system C compiler (``cc -O3 -march=native -fopenmp``)
+into a cache folder keyed by the source, the compiler and the CPU, and returns ``CpuKernels``, or
+None when there is no compiler or the build fails; the forward then keeps its PyTorch path. The
+compile takes about a second and happens once per machine (``python -m llmtree.engine`` does it
+ahead of time). The library is loaded after torch, so its OpenMP calls use the OpenMP runtime
+torch already holds (same soname): one thread pool per process, not two.
+
+Every wrapper takes bf16 tensors on the CPU, contiguous where documented; the callers (the Llama
+forward and the sampler, on the engine loop thread) guarantee shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
+KEY_BLOCK = 16
+"""Positions per block of the key cache layout of ``cpu_kernels.c``; the cache's length is a
+multiple of it."""
+_lock = threading.Lock()
+_loaded: dict[str, CpuKernels | None] = {}
+
+_p = ctypes.c_void_p
+_i = ctypes.c_int64
+_f = ctypes.c_float
+SIGNATURES: dict[str, list[type]] = {
+    "lt_rms_norm": [_p, _i, _p, _p, _i, _i, _f],
+    "lt_add_rms_norm": [_p, _p, _p, _p, _i, _i, _f],
+    "lt_silu_mul": [_p, _p, _i, _i, ctypes.c_int],
+    "lt_rope_store": [_p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i],
+    "lt_attention": [_p, _i, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _p, ctypes.c_int],
+    "lt_argmax": [_p, _i, _i, _p],
+}
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$LLMTREE_KERNEL_CACHE``, else the user's cache folder."""
+    configured = os.environ.get("LLMTREE_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llmtree" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags: a library built with -march=native fits only those."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [
+        line
+        for line in text.splitlines()
+        if line.startswith(("model name", "flags", "Features", "CPU part"))
+    ]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.splitlines()[0] if done.stdout else ""
+
+
+def build() -> Path | None:
+    """The path of the built library, compiling it first if this machine has none yet."""
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C compiler found; the engine uses its PyTorch path")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                " ".join(FLAGS).encode(),
+                _compiler_version(compiler).encode(),
+                _cpu_signature().encode(),
+                torch.__version__.encode(),
+            ]
+        )
+    ).hexdigest()[:20]
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"llmtree-kernels-{os.getuid()}"):
+        target = folder / f"cpu_kernels-{key}.so"
+        if target.is_file():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            continue
+        # build beside the target and rename: nodes starting together never load a partial file
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+        os.close(fd)
+        argv = [compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                logger.warning("building the CPU kernels failed:\n%s", done.stderr[-2000:])
+                return None
+            os.replace(partial, target)
+        except (OSError, subprocess.SubprocessError) as error:
+            logger.warning("building the CPU kernels failed: %s", error)
+            continue
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        logger.info("built the CPU kernels into %s", target)
+        return target
+    return None
+
+
+class CpuKernels:
+    """Typed entry points of the library; arguments are tensors, results are written in place."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        for name, argtypes in SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes = argtypes
+            function.restype = None
+        self._lib = library
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``[rows, dim]`` (rows may be strided) -> new contiguous ``[rows, dim]``."""
+        rows, dim = x.shape
+        assert x.stride(1) == 1
+        out = torch.empty((rows, dim), dtype=x.dtype)
+        self._lib.lt_rms_norm(
+            x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps
+        )
+        return out
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """``x += delta`` in place (both contiguous ``[rows, dim]``), then ``rms_norm(x)``."""
+        rows, dim = x.shape
+        out = torch.empty((rows, dim), dtype=x.dtype)
+        self._lib.lt_add_rms_norm(
+            x.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``[rows, 2 * inter]`` (gate then up) -> ``silu(gate) * up``."""
+        rows, width = gate_up.shape
+        out = torch.empty((rows, width // 2), dtype=gate_up.dtype)
+        threads = torch.get_num_threads()
+        self._lib.lt_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, threads)
+        return out
+
+    def rope_store(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> None:
+        """Rotates q and k of ``qkv`` in place and writes k and v into the layer's cache (keys in
+        the blocked layout the attention reads)."""
+        num_slots, _, max_len, _ = k_cache.shape
+        self._lib.lt_rope_store(
+            qkv.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            positions.data_ptr(),
+            qkv.shape[0],
+            heads,
+            kv_heads,
+            head_dim,
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            num_slots,
+            max_len,
+        )
+
+    def attention(
+        self,
+        qkv: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        lengths: torch.Tensor,
+        heads: int,
+        out: torch.Tensor,
+        threads: int,
+    ) -> None:
+        """Each row of ``qkv`` attends to the first ``lengths[row]`` positions of its slot."""
+        num_slots, kv_heads, max_len, head_dim = k_cache.shape
+        self._lib.lt_attention(
+            qkv.data_ptr(),
+            qkv.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            slots.data_ptr(),
+            lengths.data_ptr(),
+            slots.shape[0],
+            heads,
+            kv_heads,
+            head_dim,
+            num_slots,
+            max_len,
+            head_dim**-0.5,
+            out.data_ptr(),
+            threads,
+        )
+
+    def argmax(self, logits: torch.Tensor) -> list[int]:
+        """First index of each row's largest value (``[rows, vocab]``, contiguous)."""
+        rows, vocab = logits.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        self._lib.lt_argmax(logits.data_ptr(), rows, vocab, out.data_ptr())
+        result: list[int] = out.tolist()
+        return result
+
+
+def load() -> CpuKernels | None:
+    """The kernels for this machine, built on first use; None where they cannot be built."""
+    with _lock:
+        if "cpu" not in _loaded:
+            _loaded["cpu"] = _load()
+        return _loaded["cpu"]
+
+
+def _load() -> CpuKernels | None:
+    if sys.platform != "linux":
+        return None
+    path = build()
+    if path is None:
+        return None
+    try:
+        return CpuKernels(ctypes.CDLL(str(path)))
+    except (OSError, AttributeError) as error:
+        logger.warning("loading the CPU kernels from %s failed: %s", path, error)
+        return None

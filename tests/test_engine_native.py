@@ -1,0 +1,257 @@
+"""The fused CPU kernels (``engine/cpu_kernels.c``) against the PyTorch code they replace.
+
+The element-wise kernels must give bit-identical bf16 results (they round where PyTorch rounds);
+the attention kernel must agree with float32 SDPA to bf16 precision, for decode rows and prompt
+rows alike. Then the whole model: the fused forward and the PyTorch forward, loaded from the
+same weights, must be as close to the float32 model as each other and pick the same tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmtree.config import Settings
+from llmtree.engine import loader, native
+from llmtree.engine.llama import LlamaForward
+from llmtree.engine.runner import ModelRunner
+from llmtree.engine.scheduler import PrefillChunk, StepPlan
+from llmtree.engine.sequence import Sequence, SequenceStatus
+from llmtree.protocol import SamplingParams
+
+from cluster import model_cache
+
+HEADS, KV_HEADS, HEAD_DIM, SLOTS, MAX_LEN = 9, 3, 64, 8, 256
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.CpuKernels:
+    built = native.load()
+    assert built is not None, "the CPU kernels did not build (is a C compiler installed?)"
+    return built
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + EPS)
+    return hidden.to(x.dtype) * weight
+
+
+def rope_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    freqs = torch.arange(MAX_LEN).float()[:, None] * inv[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    sin = emb.sin().bfloat16()
+    half = HEAD_DIM // 2
+    return emb.cos().bfloat16(), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
+def unblock_keys(k_cache: torch.Tensor) -> torch.Tensor:
+    """The kernels' blocked key layout back to ``[slots, kv_heads, max_len, head_dim]``."""
+    slots, heads, max_len, head_dim = k_cache.shape
+    blocked = k_cache.view(slots, heads, max_len // native.KEY_BLOCK, head_dim, native.KEY_BLOCK)
+    return blocked.permute(0, 1, 2, 4, 3).reshape(slots, heads, max_len, head_dim)
+
+
+def block_keys(keys: torch.Tensor) -> torch.Tensor:
+    slots, heads, max_len, head_dim = keys.shape
+    rows = keys.view(slots, heads, max_len // native.KEY_BLOCK, native.KEY_BLOCK, head_dim)
+    return rows.permute(0, 1, 2, 4, 3).contiguous().view(slots, heads, max_len, head_dim)
+
+
+def test_rms_norm_is_bit_identical(kernels: native.CpuKernels) -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(7, 576).bfloat16() * 3, torch.randn(576).bfloat16()
+    assert torch.equal(kernels.rms_norm(x, weight, EPS), hf_rms_norm(x, weight))
+    rows = torch.randn(12, 576).bfloat16()[::3]  # strided rows, as x[sample_rows] may be
+    assert torch.equal(kernels.rms_norm(rows, weight, EPS), hf_rms_norm(rows, weight))
+
+
+def test_add_rms_norm_updates_the_residual_in_place(kernels: native.CpuKernels) -> None:
+    torch.manual_seed(1)
+    x, delta = torch.randn(5, 576).bfloat16(), torch.randn(5, 576).bfloat16()
+    weight = torch.randn(576).bfloat16()
+    expected_x = x + delta
+    out = kernels.add_rms_norm(x, delta, weight, EPS)
+    assert torch.equal(x, expected_x)
+    assert torch.equal(out, hf_rms_norm(expected_x, weight))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_silu_mul_is_bit_identical(kernels: native.CpuKernels, rows: int) -> None:
+    torch.manual_seed(2)
+    gate_up = torch.randn(rows, 2 * 1536).bfloat16() * 6
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
+def test_rope_store_rotates_and_writes_the_cache(kernels: native.CpuKernels) -> None:
+    torch.manual_seed(3)
+    cos, sin = rope_tables()
+    rows = 6
+    qkv = torch.randn(rows, (HEADS + 2 * KV_HEADS) * HEAD_DIM).bfloat16()
+    slots = torch.tensor([0, 1, 7, 7, 2, 3])
+    positions = torch.tensor([0, 15, 16, 17, 100, MAX_LEN - 1])
+    heads = qkv.view(rows, -1, HEAD_DIM).clone()
+    qk = heads[:, : HEADS + KV_HEADS]
+    half = HEAD_DIM // 2
+    rotated = qk * cos[positions, None] + qk.roll(half, dims=-1) * sin[positions, None]
+    k_cache = torch.zeros(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
+    v_cache = torch.zeros_like(k_cache)
+    kernels.rope_store(qkv, cos, sin, slots, positions, HEADS, KV_HEADS, HEAD_DIM, k_cache, v_cache)
+    out = qkv.view(rows, -1, HEAD_DIM)
+    assert torch.equal(out[:, : HEADS + KV_HEADS], rotated)
+    assert torch.equal(out[:, HEADS + KV_HEADS :], heads[:, HEADS + KV_HEADS :])  # v untouched
+    keys = unblock_keys(k_cache)
+    written = torch.zeros(SLOTS, MAX_LEN, dtype=torch.bool)
+    for row in range(rows):
+        slot, position = int(slots[row]), int(positions[row])
+        assert torch.equal(keys[slot, :, position], rotated[row, HEADS:])
+        assert torch.equal(v_cache[slot, :, position], heads[row, HEADS + KV_HEADS :])
+        written[slot, position] = True
+    assert not keys.permute(0, 2, 1, 3)[~written].any()  # nothing else was written
+    assert not v_cache.permute(0, 2, 1, 3)[~written].any()
+
+
+def test_rope_store_skips_rows_outside_the_cache(kernels: native.CpuKernels) -> None:
+    cos, sin = rope_tables()
+    qkv = torch.randn(3, (HEADS + 2 * KV_HEADS) * HEAD_DIM).bfloat16()
+    k_cache = torch.zeros(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
+    v_cache = torch.zeros_like(k_cache)
+    slots, positions = torch.tensor([SLOTS, -1, 0]), torch.tensor([0, 0, MAX_LEN])
+    kernels.rope_store(qkv, cos, sin, slots, positions, HEADS, KV_HEADS, HEAD_DIM, k_cache, v_cache)
+    assert not k_cache.any() and not v_cache.any()
+
+
+def test_attention_matches_sdpa_for_decode_and_prompt_rows(kernels: native.CpuKernels) -> None:
+    torch.manual_seed(4)
+    keys = torch.randn(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
+    values = torch.randn_like(keys)
+    # two decode rows, then a 5-token prompt chunk of slot 3 at positions 40..44 (causal)
+    slots = torch.tensor([5, 0, 3, 3, 3, 3, 3])
+    lengths = torch.tensor([1, MAX_LEN, 41, 42, 43, 44, 45])
+    qkv = torch.randn(len(slots), (HEADS + 2 * KV_HEADS) * HEAD_DIM).bfloat16()
+    out = torch.empty(len(slots), HEADS * HEAD_DIM).bfloat16()
+    kernels.attention(qkv, block_keys(keys), values, slots, lengths, HEADS, out, 2)
+    for row in range(len(slots)):
+        slot, length = int(slots[row]), int(lengths[row])
+        query = qkv[row].view(-1, HEAD_DIM)[:HEADS].float().unsqueeze(1)  # [heads, 1, dim]
+        expected = F.scaled_dot_product_attention(
+            query,
+            keys[slot, :, :length].float().repeat_interleave(HEADS // KV_HEADS, dim=0),
+            values[slot, :, :length].float().repeat_interleave(HEADS // KV_HEADS, dim=0),
+        )
+        assert torch.allclose(out[row].float(), expected.reshape(-1), atol=8e-3, rtol=1e-2), row
+
+
+def test_attention_of_a_row_does_not_depend_on_the_batch(kernels: native.CpuKernels) -> None:
+    torch.manual_seed(5)
+    keys = block_keys(torch.randn(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16())
+    values = torch.randn(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
+    qkv = torch.randn(SLOTS, (HEADS + 2 * KV_HEADS) * HEAD_DIM).bfloat16()
+    slots, lengths = torch.arange(SLOTS), torch.randint(1, MAX_LEN, (SLOTS,))
+    together = torch.empty(SLOTS, HEADS * HEAD_DIM).bfloat16()
+    kernels.attention(qkv, keys, values, slots, lengths, HEADS, together, 2)
+    alone = torch.empty(1, HEADS * HEAD_DIM).bfloat16()
+    kernels.attention(qkv[3:4], keys, values, slots[3:4], lengths[3:4], HEADS, alone, 1)
+    assert torch.equal(alone[0], together[3])
+
+
+def test_argmax_is_the_first_largest(kernels: native.CpuKernels) -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(5, 49152).bfloat16()
+    logits[2, 7] = logits[2, 9000] = 100.0  # a tie: the first index wins, as in torch
+    logits[3] = -5.0
+    logits[4] = torch.full((49152,), float("-inf")).bfloat16()
+    logits[4, 4321] = -1e30
+    assert kernels.argmax(logits) == logits.float().argmax(dim=-1).tolist()
+
+
+def test_no_compiler_means_no_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LLMTREE_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native.build() is None
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails: a warning, no library
+    assert native.build() is None
+    assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_a_build_is_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LLMTREE_KERNEL_CACHE", str(tmp_path))
+    first = native.build()
+    assert first is not None and first.parent == tmp_path
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left
+
+
+TEXTS = [
+    "The capital of France is Paris. The capital of Italy is",
+    "Water boils at",
+    "Here is a short story about a dragon who lived in a cave near the sea. One day, the dragon",
+]
+
+
+def _load() -> loader.LoadedModel:
+    settings = Settings(model_cache=Path(model_cache()))
+    return loader.load(settings.model, settings.model_cache_dir, torch.device("cpu"), print)
+
+
+def _runner(allow_native: bool) -> ModelRunner:
+    forward = LlamaForward(_load().model, 512, torch.bfloat16, allow_native=allow_native)
+    assert (forward.kernels is not None) == allow_native
+    return ModelRunner(forward, 4, 512, eos_token_ids=[])
+
+
+@pytest.mark.model
+def test_the_fused_forward_computes_what_the_pytorch_forward_computes() -> None:
+    fused, plain = _runner(True), _runner(False)
+    loaded = _load()
+    prompts = [loaded.tokenizer(text)["input_ids"] for text in TEXTS]
+    reference = loaded.model.float()
+    with torch.inference_mode():
+        exact = torch.stack([reference(torch.tensor([p])).logits[0, -1] for p in prompts[:2]])
+    sequences: dict[bool, list[Sequence]] = {}
+    logits: dict[bool, torch.Tensor] = {}
+    for flag, runner in ((True, fused), (False, plain)):
+        seqs = []
+        for slot, prompt in enumerate(prompts):
+            seq = Sequence(f"r{slot}", prompt, SamplingParams(max_tokens=32, temperature=0))
+            seq.slot, seq.status = slot, SequenceStatus.RUNNING
+            seqs.append(seq)
+        # one step prefills two prompts while nothing decodes; the third comes in two chunks
+        first, second, third = seqs
+        plan = StepPlan(
+            prefills=[
+                PrefillChunk(first, 0, len(first.prompt_ids)),
+                PrefillChunk(second, 0, len(second.prompt_ids)),
+            ]
+        )
+        logits[flag] = runner.model.forward(runner._build(plan), runner.cache).float()
+        half = len(third.prompt_ids) // 2
+        runner.run(StepPlan(prefills=[PrefillChunk(third, 0, half)]))
+        rest = len(third.prompt_ids) - half
+        third.output_ids.append(runner.run(StepPlan(prefills=[PrefillChunk(third, half, rest)]))[0])
+        first.output_ids.append(int(logits[flag][0].argmax()))
+        second.output_ids.append(int(logits[flag][1].argmax()))
+        for seq in seqs:
+            seq.num_computed_tokens = len(seq.prompt_ids)
+        for _ in range(24):  # decode all three together, in slots 0..2
+            tokens = runner.run(StepPlan(decodes=seqs))
+            for seq, token in zip(seqs, tokens, strict=True):
+                seq.num_computed_tokens += 1
+                seq.output_ids.append(token)
+        sequences[flag] = seqs
+    # bf16 is bf16: both are off the float32 logits, the fused one no more than the other
+    error = {flag: (logits[flag] - exact).abs().mean().item() for flag in (True, False)}
+    assert error[True] < 0.2 and error[True] <= 1.1 * error[False], error
+    assert logits[True].argmax(-1).tolist() == exact.argmax(-1).tolist()
+    assert logits[False].argmax(-1).tolist() == exact.argmax(-1).tolist()
+    for ours, theirs in zip(sequences[True], sequences[False], strict=True):
+        assert ours.output_ids == theirs.output_ids

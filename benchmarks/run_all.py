@@ -103,11 +103,11 @@ def drive(url: str, todo: list[Level], rss_pid: int | None, tag: str) -> list[Le
             key = os.environ.get("LLMTREE_API_KEY")  # set by the case from its dev key
             target = Target(chat_url(url), await discover_model(client, url, key), key)
             warm = make_requests(2, Span(8, 8), Span(8, 8), seed=99)
-            await run_level(client, target, Level(warm, concurrency=1))
+            await run_level(target, Level(warm, concurrency=1))
             summaries = []
             for level in todo:
                 with RssSampler(rss_pid) if rss_pid else nullcontext() as rss:
-                    summary = await run_level(client, target, level)
+                    summary = await run_level(target, level)
                 if rss is not None:
                     summary.extra["worker_rss_peak_mb"] = round(rss.peak_mb, 1)
                 counts = f"{summary.num_ok}/{summary.num_errors}/{summary.num_incomplete}"

@@ -34,7 +34,7 @@ from llmtree.bench.loadgen import Level
 from llmtree.bench.stats import Dist, LevelSummary
 from llmtree.config import Settings
 from llmtree.gateway.keys_cli import ensure_dev_key, ensure_jwt_secret
-from llmtree.protocol import GenerateRequest, SamplingParams
+from llmtree.protocol import GenerateRequest, SamplingParams, unpack_events
 from llmtree.registry import Registry
 from llmtree.tree.client import Peers
 
@@ -166,7 +166,8 @@ class ProbeSink:
         self._cond = threading.Condition()
 
     @Pyro5.api.expose
-    def deliver(self, events: list[dict[str, Any]]) -> int:
+    def deliver(self, packed: str | list[dict[str, Any]]) -> int:
+        events = unpack_events(packed)
         with self._cond:
             for event in events:
                 if isinstance(event, dict) and event.get("finish_reason") is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import Pyro5.api
 
 from llmtree.config import Settings
+from llmtree.protocol import unpack_events
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,8 @@ class Collector:
         self._cond = threading.Condition()
 
     @Pyro5.api.expose
-    def deliver(self, events: list[dict[str, Any]]) -> int:
+    def deliver(self, packed: str | list[dict[str, Any]]) -> int:
+        events = unpack_events(packed)
         with self._cond:
             for event in events:
                 self.events[event["request_id"]].append(event)

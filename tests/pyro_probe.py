@@ -31,6 +31,8 @@ import Pyro5.api
 import Pyro5.protocol
 import Pyro5.socketutil
 
+from llmtree.protocol import unpack_events
+
 PICKLE_IDS = (4, 5, 7, 99)
 """Serializer ids a pickle-speaking client might put in its header (none is serpent's 1)."""
 
@@ -95,7 +97,8 @@ class Sink:
         self.done = threading.Event()
 
     @Pyro5.api.expose
-    def deliver(self, events: list[dict[str, Any]]) -> int:
+    def deliver(self, packed: str | list[dict[str, Any]]) -> int:
+        events = unpack_events(packed)
         self.events.extend(events)
         if any(e.get("finish_reason") for e in events):
             self.done.set()

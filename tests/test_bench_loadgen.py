@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmtree.bench.cli import make_plan, run_bench
-from llmtree.bench.loadgen import Level, Target, chat_url, make_client, run_level
+from llmtree.bench.loadgen import Level, Target, chat_url, run_level
 from llmtree.bench.report import read_jsonl
 from llmtree.bench.stats import LevelSummary
 from llmtree.bench.workload import Span, make_requests
@@ -114,9 +114,8 @@ def level(model: str, count: int = 6, tokens: int = 5, **kwargs: Any) -> tuple[T
 
 def run(base: str, target: Target, lvl: Level) -> LevelSummary:
     async def go() -> LevelSummary:
-        async with make_client(10.0) as client:
-            aimed = Target(chat_url(base), target.model, target.api_key, target.temperature)
-            return await run_level(client, aimed, lvl, seed=1)
+        aimed = Target(chat_url(base), target.model, target.api_key, target.temperature)
+        return await run_level(aimed, lvl, seed=1)
 
     return asyncio.run(go())
 

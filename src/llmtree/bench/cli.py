@@ -196,7 +196,7 @@ async def run_plan(plan: Plan, console: Console) -> tuple[Target, list[LevelSumm
                 def advance(_: RequestRecord, task_id: TaskID = task) -> None:
                     progress.advance(task_id)
 
-                summary = await run_level(client, target, level, plan.meta["seed"], advance)
+                summary = await run_level(target, level, plan.meta["seed"], advance)
                 if not is_warmup:
                     summaries.append(summary)
     return target, summaries

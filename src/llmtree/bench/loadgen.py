@@ -12,6 +12,9 @@ Each request fixes its output length with ``max_tokens`` + ``min_tokens`` + ``ig
 (``stream_options.include_usage``); its output tokens come from that chunk, else one per content
 chunk. A level stops at its request count or at its time cap, whichever comes first; requests
 still running at the cap are cancelled and counted as incomplete, not as errors.
+
+Streams are read with the lean client of ``sse`` (the generator shares the cores with the server
+it measures); ``httpx`` serves the one-off calls such as ``discover_model``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from llmtree.bench.sse import StreamError, StreamResponse, open_stream
 from llmtree.bench.stats import LevelSummary, RequestRecord, summarize
 from llmtree.bench.workload import RequestSpec
 
@@ -122,47 +126,47 @@ def _error_text(status: int, body: bytes) -> str:
     return f"HTTP {status}: {str(message)[:MAX_ERROR_CHARS]}"
 
 
-async def _stream_into(
-    client: httpx.AsyncClient, target: Target, spec: RequestSpec, record: RequestRecord
-) -> None:
+async def _stream_into(target: Target, spec: RequestSpec, record: RequestRecord) -> None:
     """Fill ``record`` as the response streams in; it stays without an ``end`` if cancelled."""
     usage_tokens: int | None = None
     done = False
+    body = json.dumps(target.body(spec)).encode()
+    response: StreamResponse | None = None
     try:
-        request = client.stream(
-            "POST", target.url, json=target.body(spec), headers=target.headers()
-        )
-        async with request as response:
-            if response.status_code != 200:
-                record.error = _error_text(response.status_code, await response.aread())
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    now = time.perf_counter()
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        record.error = f"stream error: {chunk['error'].get('message', chunk)}"
-                        break
-                    if isinstance(chunk.get("usage"), dict):
-                        usage_tokens = chunk["usage"].get("completion_tokens")
-                    for choice in chunk.get("choices") or []:
-                        if (choice.get("delta") or {}).get("content"):
-                            record.chunk_times.append(now)
-                if record.error is None and not done:
-                    record.error = "the stream ended without data: [DONE]"
-    except (httpx.HTTPError, ValueError, AttributeError) as error:
+        response = await open_stream(target.url, body, target.headers(), target.timeout_s)
+        if response.status != 200:
+            record.error = _error_text(response.status, await response.body())
+        else:
+            async for now, line in response.lines():
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    record.error = f"stream error: {chunk['error'].get('message', chunk)}"
+                    break
+                if isinstance(chunk.get("usage"), dict):
+                    usage_tokens = chunk["usage"].get("completion_tokens")
+                for choice in chunk.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        record.chunk_times.append(now)
+            if record.error is None and not done:
+                record.error = "the stream ended without data: [DONE]"
+    except (OSError, TimeoutError, StreamError, asyncio.IncompleteReadError) as error:
         record.error = f"{type(error).__name__}: {str(error)[:MAX_ERROR_CHARS]}"
+    except (ValueError, AttributeError) as error:
+        record.error = f"{type(error).__name__}: {str(error)[:MAX_ERROR_CHARS]}"
+    finally:
+        if response is not None:
+            await response.close()
     record.output_tokens = usage_tokens if usage_tokens is not None else len(record.chunk_times)
     record.end = time.perf_counter()
 
 
 async def run_level(
-    client: httpx.AsyncClient,
     target: Target,
     level: Level,
     seed: int = 0,
@@ -177,7 +181,7 @@ async def run_level(
     async def one(spec: RequestSpec) -> None:
         record = RequestRecord(start=time.perf_counter())
         records.append(record)
-        await _stream_into(client, target, spec, record)
+        await _stream_into(target, spec, record)
         if on_done is not None:
             on_done(record)
 

@@ -162,6 +162,7 @@ void lt_rope_store(bf16 *qkv, const bf16 *cos_table, const bf16 *sin_table,
 }
 
 #define MAX_GROUPS 8
+#define PARALLEL_MIN_POSITIONS 2048
 
 #if defined(__AVX512F__)
 static inline __m512 load16(const bf16 *p) {
@@ -257,9 +258,12 @@ void lt_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_cache, cons
                   const int64_t *slots, const int64_t *lengths, int64_t rows, int64_t heads,
                   int64_t kv_heads, int64_t head_dim, int64_t num_slots, int64_t max_len,
                   float scale, bf16 *out, int num_threads) {
-    int64_t groups = heads / kv_heads, items = rows * kv_heads;
+    int64_t groups = heads / kv_heads, items = rows * kv_heads, work = 0;
     if (max_len % KEY_BLOCK) return;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && items > 1)
+    for (int64_t r = 0; r < rows; r++) work += lengths[r] > 0 ? lengths[r] : 0;
+    /* waking the other threads costs tens of microseconds: only worth it for enough positions */
+    int parallel = num_threads > 1 && items > 1 && work * kv_heads >= PARALLEL_MIN_POSITIONS;
+#pragma omp parallel num_threads(num_threads) if (parallel)
     {
         float *qf = malloc(sizeof(float) * (size_t)(groups * head_dim));
         float *acc = malloc(sizeof(float) * (size_t)(groups * head_dim));

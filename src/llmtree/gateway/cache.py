@@ -46,10 +46,10 @@ def replay_stream(request_id: str, answer: dict[str, Any]) -> RequestStream:
     chunks = [text[i : i + REPLAY_CHUNK_CHARS] for i in range(0, len(text), REPLAY_CHUNK_CHARS)]
     node = f"{answer.get('node') or 'tree'} (cached)"
     for seq, chunk in enumerate(chunks):
-        stream.push_threadsafe(make_event(request_id, seq, text=chunk, node=node))
+        stream.push_threadsafe([make_event(request_id, seq, text=chunk, node=node)])
     usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
     reason = answer.get("finish_reason") if answer.get("finish_reason") == "length" else "stop"
     stream.push_threadsafe(
-        make_event(request_id, len(chunks), finish_reason=reason, node=node, usage=usage)
+        [make_event(request_id, len(chunks), finish_reason=reason, node=node, usage=usage)]
     )
     return stream

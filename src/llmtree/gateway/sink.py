@@ -15,8 +15,7 @@ from typing import Any
 
 import Pyro5.api
 
-from llmtree.errors import InvalidRequest
-from llmtree.protocol import is_valid_event
+from llmtree.protocol import is_valid_event, unpack_events
 from llmtree.tree.client import SINK_ID, configure_pyro
 
 logger = logging.getLogger(__name__)
@@ -33,8 +32,13 @@ class RequestStream:
         self._next_seq = 0
         self.finished = False
 
-    def push_threadsafe(self, event: dict[str, Any]) -> None:
-        self._loop.call_soon_threadsafe(self._push, event)
+    def push_threadsafe(self, events: list[dict[str, Any]]) -> None:
+        """Hands a delivery's events for this request to its loop (one wake-up per batch)."""
+        self._loop.call_soon_threadsafe(self._push_all, events)
+
+    def _push_all(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self._push(event)
 
     def _push(self, event: dict[str, Any]) -> None:
         seq = event["seq"]
@@ -118,22 +122,22 @@ class EventSink:
             return len(self._streams)
 
     @Pyro5.api.expose
-    def deliver(self, events: list[dict[str, Any]]) -> int:
-        """Called by the root with a batch of events; unknown or malformed ones are dropped."""
-        if not isinstance(events, list):
-            raise InvalidRequest("events must be a list")
-        delivered = 0
-        for event in events:
-            if not is_valid_event(event):
-                continue
-            with self._lock:
-                stream = self._streams.get(event["request_id"])
-            if stream is not None:
-                if self.observer is not None:  # first: the reader may close the stream at once
+    def deliver(self, packed: str | list[dict[str, Any]]) -> int:
+        """Called by the root with a batch of events (a JSON array, see ``pack_events``);
+        unknown or malformed ones are dropped."""
+        batches: dict[RequestStream, list[dict[str, Any]]] = {}
+        with self._lock:
+            for event in unpack_events(packed):
+                if is_valid_event(event):
+                    stream = self._streams.get(event["request_id"])
+                    if stream is not None:
+                        batches.setdefault(stream, []).append(event)
+        for stream, events in batches.items():
+            if self.observer is not None:  # first: the reader may close the stream at once
+                for event in events:
                     self.observer.event(event)
-                stream.push_threadsafe(event)
-                delivered += 1
-        return delivered
+            stream.push_threadsafe(events)
+        return sum(len(events) for events in batches.values())
 
 
 class SinkServer:

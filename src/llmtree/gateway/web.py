@@ -10,12 +10,13 @@ files are revalidated on each load (``no-cache`` + ETag, 304 when unchanged).
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
+from starlette.datastructures import MutableHeaders
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -63,19 +64,37 @@ def _file(name: str, media_type: str) -> FileResponse:
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": NO_CACHE})
 
 
+class SecurityHeaders:
+    """ASGI middleware: adds ``SECURITY_HEADERS`` (and ``no-cache`` under ``/static/``) to every
+    HTTP response that does not set them itself. Plain ASGI, not ``BaseHTTPMiddleware``: it only
+    edits the response start message, so streamed bodies (SSE) pass through untouched instead of
+    being re-queued chunk by chunk."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope.get("path", "").startswith("/static/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+                if static:
+                    headers.setdefault("Cache-Control", NO_CACHE)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def mount_web(app: FastAPI) -> None:
     """Serve the UI and add the security headers to every response."""
 
-    @app.middleware("http")
-    async def security_headers(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if request.url.path.startswith("/static/"):
-            response.headers.setdefault("Cache-Control", NO_CACHE)
-        return response
+    app.add_middleware(SecurityHeaders)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -34,7 +34,7 @@ from llmtree.errors import (
     RegistryError,
     UnknownNode,
 )
-from llmtree.protocol import GenerateRequest, is_valid_event
+from llmtree.protocol import GenerateRequest, is_valid_event, pack_events, unpack_events
 from llmtree.tree.client import Peers
 from llmtree.tree.failover import FlightTable
 from llmtree.tree.loads import ChildLoads, parse_report
@@ -255,15 +255,15 @@ class TreeNode:
             self._outbox.put(root, batch)
 
     def _deliver_to_root(self, root: str, events: list[dict[str, Any]]) -> None:
-        self._peers.call(root, "deliver", events)
+        self._peers.call(root, "deliver", pack_events(events))
 
     @Pyro5.api.expose
-    def deliver(self, events: list[dict[str, Any]]) -> int:
-        """Root only: events from a serving node, passed on to the sinks; returns how many."""
+    def deliver(self, packed: str | list[dict[str, Any]]) -> int:
+        """Root only: events from a serving node (a JSON array, see ``pack_events``), passed on
+        to the sinks; returns how many."""
         if not self.is_root:
             raise InvalidRequest(f"{self._name} is not a root; deliver events to the root")
-        if not isinstance(events, list):
-            raise InvalidRequest("events must be a list", param="events")
+        events = unpack_events(packed)
         assert self._flights is not None
         by_sink, orphans = self._flights.deliver(
             [e for e in events[:MAX_EVENTS_PER_CALL] if is_valid_event(e)]
@@ -273,7 +273,7 @@ class TreeNode:
             self._cancel_async(list(orphans))
         for sink, batch in by_sink.items():
             try:
-                self._peers.call(sink, "deliver", batch)
+                self._peers.call(sink, "deliver", pack_events(batch))
             except NodeUnavailable as error:
                 logger.warning("sink %s unavailable, cancelling its requests: %s", sink, error)
                 self._cancel_async(self._flights.abandon_sink(sink))

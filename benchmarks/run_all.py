@@ -1,11 +1,12 @@
 """``make bench``: every case side by side on this machine, then ``docs/benchmarks.md``.
 
 Cases, run one after another (never two at once, so each has the machine to itself):
-(a) the engine alone, (b) the full stack (``llmtree up --workers 1``), (c) the naive one-at-a-time
-``generate()`` server, (d) static ``generate()`` batches, and ``tree``: the same load through
-1, 2 and 3 levels of forwarding above the serving worker. Everything listens on free loopback
-ports, lives in a temporary directory (its own slapd, var dir and logs) and shares the model
-cache ``var/models``; each process is stopped by its pid when its case ends.
+(a) the engine alone, (a0) the engine alone on its pure PyTorch path (no fused CPU kernels),
+(b) the full stack (``llmtree up --workers 1``), (c) the naive one-at-a-time ``generate()``
+server, (d) static ``generate()`` batches, and ``tree``: the same load through 1, 2 and 3 levels
+of forwarding above the serving worker. Everything listens on free loopback ports, lives in a
+temporary directory (its own slapd, var dir and logs) and shares the model cache
+``var/models``; each process is stopped by its pid when its case ends.
 
     python benchmarks/run_all.py                       # the full run (about half an hour)
     python benchmarks/run_all.py --quick               # smoke test: c=1,2, 16 tokens
@@ -38,7 +39,7 @@ from llmtree.bench.workload import Span, make_requests
 from llmtree.gateway.keys_cli import read_dev_key
 
 PY = sys.executable
-ALL_CASES = ("a", "b", "c", "d", "tree")
+ALL_CASES = ("a", "a0", "b", "c", "d", "tree")
 
 
 FULL = {
@@ -57,7 +58,7 @@ QUICK.update({"requests": 4, "tree_requests": 4, "tree_output_tokens": 8, "tree_
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--cases", default=",".join(ALL_CASES), help="any of a,b,c,d,tree (default all)")
+    add("--cases", default=",".join(ALL_CASES), help="any of a,a0,b,c,d,tree (default all)")
     add("--concurrency", help="closed-loop levels (default 1,8,32,64)")
     add("--output-tokens", type=int, help="tokens per request (default 128)")
     add("--prompt-tokens", type=int, default=32)
@@ -154,6 +155,11 @@ def case_a(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[Le
     return read_jsonl(run_script("engine_alone.py", extra, work, env, budget(args)))
 
 
+def case_a0(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:
+    """(a) again with the engine's pure PyTorch path: what the fused CPU kernels bring."""
+    return case_a(args, work, {**env, "LLMTREE_NATIVE_KERNELS": "0"})
+
+
 def case_d(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:
     extra = script_args(args) + ["--batches", str(args.batches)]
     return read_jsonl(run_script("static_batch.py", extra, work, env, budget(args)))
@@ -243,7 +249,7 @@ def main() -> int:
     report = Report(command, now_iso(), machine_info(), engine_dtype(), settings)
     report.load_before, report.work_dir = load_average(), str(work)
     log(f"cases {args.case_list}, work dir {work}")
-    runners = {"a": case_a, "b": case_b, "c": case_c, "d": case_d}
+    runners = {"a": case_a, "a0": case_a0, "b": case_b, "c": case_c, "d": case_d}
     for case in args.case_list:
         log(f"case {case} starts")
         try:

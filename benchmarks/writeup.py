@@ -14,6 +14,7 @@ from llmtree.bench.stats import LevelSummary
 
 CASE_NAMES = {
     "a": "(a) engine alone",
+    "a0": "(a0) engine alone, PyTorch path",
     "b": "(b) full stack",
     "c": "(c) naive server",
     "d": "(d) static batches",
@@ -150,6 +151,9 @@ def render(report: Report) -> str:
         "",
         "* **(a) engine alone**: `benchmarks/engine_alone.py` drives `llmtree.engine.Engine` "
         "in-process (no HTTP, no Pyro5); a chunk is an engine step's event for a request.",
+        "* **(a0) engine alone, PyTorch path**: the same with `LLMTREE_NATIVE_KERNELS=0`: "
+        "the forward without the fused CPU kernels (`src/llmtree/engine/cpu_kernels.c`), "
+        "every step in PyTorch operators; (a)/(a0) is what the kernels bring.",
         "* **(b) full stack**: `llmtree up --workers 1` (slapd, root, one worker, gateway) as "
         "separate processes; load through the gateway's `/v1/chat/completions` (SSE) with the "
         "`llmtree bench` load generator (`src/llmtree/bench/`).",
@@ -167,7 +171,7 @@ def render(report: Report) -> str:
         "Latencies are p50 / p90 / p99; TTFT, TPOT and ITL in ms, end-to-end (E2E) in s.",
         "",
     ]
-    rows = [(CASE_NAMES[k], x) for k in "abcd" for x in report.cases.get(k, [])]
+    rows = [(CASE_NAMES[k], x) for k in CASE_NAMES for x in report.cases.get(k, [])]
     lines += [markdown_table(rows) if rows else "_no case was run_", ""]
     lines += _ratios(report) + _targets(report) + _tree(report) + _failures(report)
     return "\n".join(lines).rstrip() + "\n"
@@ -182,11 +186,13 @@ def _ratios(report: Report) -> list[str]:
     lines = [
         "## Ratios (output tokens/s)",
         "",
-        "| C | (b)/(c) stack vs naive | (b)/(d) stack vs static | (b)/(a) stack vs engine alone |",
-        "| ---: | ---: | ---: | ---: |",
+        "| C | (b)/(c) stack vs naive | (b)/(d) stack vs static | (b)/(a) stack vs engine alone "
+        "| (a)/(a0) fused kernels vs PyTorch path |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
+    pairs = [("b", "c"), ("b", "d"), ("b", "a"), ("a", "a0")]
     for c in levels:
-        cells = [_fmt(_ratio(report, "b", other, c), "{:.2f}×") for other in "cda"]
+        cells = [_fmt(_ratio(report, top, bottom, c), "{:.2f}×") for top, bottom in pairs]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

@@ -92,10 +92,10 @@ def test_silu_mul_is_bit_identical(kernels: native.CpuKernels, rows: int) -> Non
 def test_rope_store_rotates_and_writes_the_cache(kernels: native.CpuKernels) -> None:
     torch.manual_seed(3)
     cos, sin = rope_tables()
-    rows = 6
+    rows = 10  # 8 or more rows run on every thread
     qkv = torch.randn(rows, (HEADS + 2 * KV_HEADS) * HEAD_DIM).bfloat16()
-    slots = torch.tensor([0, 1, 7, 7, 2, 3])
-    positions = torch.tensor([0, 15, 16, 17, 100, MAX_LEN - 1])
+    slots = torch.tensor([0, 1, 7, 7, 2, 3, 4, 5, 6, 0])
+    positions = torch.tensor([0, 15, 16, 17, 100, MAX_LEN - 1, 30, 31, 32, 1])
     heads = qkv.view(rows, -1, HEAD_DIM).clone()
     qk = heads[:, : HEADS + KV_HEADS]
     half = HEAD_DIM // 2

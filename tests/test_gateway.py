@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from llmtree.config import Settings
-from llmtree.gateway.sink import RequestStream
-from llmtree.protocol import make_event
+from llmtree.errors import InvalidRequest
+from llmtree.gateway.sink import EventSink, RequestStream
+from llmtree.protocol import make_event, pack_events
 
 from chatapi import JWT_SECRET, WebUser
 from cluster import Proc, free_port, llmtree_env, wait_for
@@ -116,19 +117,40 @@ def test_bad_bodies_are_400(gateway: str, auth: dict[str, str], body: bytes) -> 
 def test_stream_orders_events_and_drops_duplicates() -> None:
     async def run() -> list[int]:
         stream = RequestStream("r", asyncio.get_running_loop())
-        for seq in (2, 0, 0, 1, 4, 3):
-            stream.push_threadsafe(make_event("r", seq, text=str(seq), finish_reason=None))
-        stream.push_threadsafe(make_event("r", 5, finish_reason="stop"))
-        stream.push_threadsafe(make_event("r", 6, text="late"))
+        stream.push_threadsafe([make_event("r", seq, text=str(seq)) for seq in (2, 0, 0)])
+        for seq in (1, 4, 3):
+            stream.push_threadsafe([make_event("r", seq, text=str(seq), finish_reason=None)])
+        stream.push_threadsafe([make_event("r", 5, finish_reason="stop")])
+        stream.push_threadsafe([make_event("r", 6, text="late")])
         return [event["seq"] async for event in stream.events(5)]
 
     assert asyncio.run(run()) == [0, 1, 2, 3, 4, 5]
 
 
+def test_sink_takes_a_packed_batch_and_drops_what_is_not_an_event() -> None:
+    async def run() -> tuple[int, list[str]]:
+        sink = EventSink()
+        stream = sink.open("r")
+        batch = [
+            make_event("r", 1, text="b"),
+            {"request_id": "r", "seq": -1},  # malformed: dropped
+            "not an event",
+            make_event("other", 0, text="x"),  # no such stream here: dropped
+            make_event("r", 0, text="a"),
+            make_event("r", 2, finish_reason="stop"),
+        ]
+        count = await asyncio.to_thread(sink.deliver, pack_events(batch))  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest):
+            sink.deliver('{"not": "a list"}')
+        return count, [event["text"] async for event in stream.events(5)]
+
+    assert asyncio.run(run()) == (3, ["a", "b", ""])
+
+
 def test_stream_times_out_with_one_error_event() -> None:
     async def run() -> list[dict[str, object]]:
         stream = RequestStream("r", asyncio.get_running_loop())
-        stream.push_threadsafe(make_event("r", 0, text="a"))
+        stream.push_threadsafe([make_event("r", 0, text="a")])
         return [event async for event in stream.events(0.2)]
 
     events = asyncio.run(run())

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from llmtree.errors import InvalidRequest
-from llmtree.protocol import GenerateRequest, SamplingParams, is_valid_event, make_event
+from llmtree.protocol import (
+    GenerateRequest,
+    SamplingParams,
+    is_valid_event,
+    make_event,
+    pack_events,
+    unpack_events,
+)
 
 
 def request(**kw: Any) -> dict[str, Any]:
@@ -78,3 +85,23 @@ def test_event_validation() -> None:
     assert not is_valid_event({"request_id": "r", "seq": True})
     assert not is_valid_event(make_event("r", 0, finish_reason="exploded"))
     assert not is_valid_event("event")
+
+
+def test_deliveries_travel_as_one_json_array_and_come_back_equal() -> None:
+    events = [
+        make_event("r1", 0, text="Hé ✓", token_ids=[1, 2]),
+        make_event("r2", 7, finish_reason="stop", usage={"prompt_tokens": 3}, error=None),
+    ]
+    packed = pack_events(events)
+    assert isinstance(packed, str)
+    assert unpack_events(packed) == events
+    assert unpack_events(events) is events  # a plain list (peers sending lists) passes as is
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["", "{", '{"a": 1}', "17", "null", "[" * 100_000, "x" * (8 * 1024 * 1024 + 1), 3, None, {}],
+)
+def test_a_malformed_delivery_is_refused(payload: object) -> None:
+    with pytest.raises(InvalidRequest):
+        unpack_events(payload)

@@ -127,11 +127,12 @@ static inline int64_t key_offset(int64_t slot, int64_t head, int64_t pos, int64_
 void lt_rope_store(bf16 *qkv, const bf16 *cos_table, const bf16 *sin_table,
                    const int64_t *slots, const int64_t *positions, int64_t rows, int64_t heads,
                    int64_t kv_heads, int64_t head_dim, bf16 *k_cache, bf16 *v_cache,
-                   int64_t num_slots, int64_t max_len) {
+                   int64_t num_slots, int64_t max_len, int num_threads) {
     int64_t half = head_dim / 2, width = (heads + 2 * kv_heads) * head_dim;
-    bf16 tmp[512];
     if (head_dim > 512 || max_len % KEY_BLOCK) return;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= 8)
     for (int64_t r = 0; r < rows; r++) {
+        bf16 tmp[512];
         int64_t slot = slots[r], pos = positions[r];
         if (pos < 0 || pos >= max_len) continue;
         bf16 *row = qkv + r * width;

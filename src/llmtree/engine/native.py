@@ -44,7 +44,7 @@ SIGNATURES: dict[str, list[type]] = {
     "lt_rms_norm": [_p, _i, _p, _p, _i, _i, _f],
     "lt_add_rms_norm": [_p, _p, _p, _p, _i, _i, _f],
     "lt_silu_mul": [_p, _p, _i, _i, ctypes.c_int],
-    "lt_rope_store": [_p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i],
+    "lt_rope_store": [_p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, ctypes.c_int],
     "lt_attention": [_p, _i, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _p, ctypes.c_int],
     "lt_argmax": [_p, _i, _i, _p],
 }
@@ -204,6 +204,7 @@ class CpuKernels:
             v_cache.data_ptr(),
             num_slots,
             max_len,
+            torch.get_num_threads(),
         )
 
     def attention(

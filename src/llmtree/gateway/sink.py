@@ -82,11 +82,15 @@ class RequestStream:
     async def events(self, idle_timeout_s: float) -> AsyncIterator[dict[str, Any]]:
         """Yield events until the terminal one; ends with an error after ``idle_timeout_s``."""
         while True:
-            try:
-                event = await asyncio.wait_for(self._queue.get(), idle_timeout_s)
-            except TimeoutError:
-                self.fail(f"no output for {idle_timeout_s:g} s; the serving node may be lost")
+            try:  # most events are already queued: no timer, no task (wait_for makes a task)
                 event = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    async with asyncio.timeout(idle_timeout_s):
+                        event = await self._queue.get()
+                except TimeoutError:
+                    self.fail(f"no output for {idle_timeout_s:g} s; the serving node may be lost")
+                    event = self._queue.get_nowait()
             yield event
             if event.get("finish_reason") is not None:
                 return

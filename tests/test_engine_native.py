@@ -8,6 +8,7 @@ same weights, must be as close to the float32 model as each other and pick the s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,16 @@ def test_the_fused_forward_computes_what_the_pytorch_forward_computes() -> None:
     assert logits[False].argmax(-1).tolist() == exact.argmax(-1).tolist()
     for ours, theirs in zip(sequences[True], sequences[False], strict=True):
         assert ours.output_ids == theirs.output_ids
+
+
+def test_a_folder_others_can_write_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant a library here
+    monkeypatch.setenv("LLMTREE_KERNEL_CACHE", str(shared))
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "tmp"))
+    built = native.build()
+    assert built is not None and built.parent == tmp_path / "tmp" / f"llmtree-kernels-{os.getuid()}"
+    assert not list(shared.iterdir())

@@ -108,12 +108,15 @@ def build() -> Path | None:
     ).hexdigest()[:20]
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"llmtree-kernels-{os.getuid()}"):
         target = folder / f"cpu_kernels-{key}.so"
-        if target.is_file():
-            return target
         try:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError:
             continue
+        if not _is_private(folder) or (target.exists() and not _is_private(target)):
+            logger.warning("not using %s: it is not owned by this user alone", folder)
+            continue
+        if target.is_file():
+            return target
         # build beside the target and rename: nodes starting together never load a partial file
         fd, partial = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
         os.close(fd)
@@ -133,6 +136,16 @@ def build() -> Path | None:
         logger.info("built the CPU kernels into %s", target)
         return target
     return None
+
+
+def _is_private(path: Path) -> bool:
+    """True when ``path`` belongs to this user and nobody else may write to it: the library in
+    it is loaded into the process, so a folder someone else controls must not be used."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 class CpuKernels:

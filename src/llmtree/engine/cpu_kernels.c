@@ -307,6 +307,18 @@ void lt_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_cache, cons
     }
 }
 
+/* lt_rope_store, then lt_attention over the same rows: one call per layer for both. */
+void lt_rope_attention(bf16 *qkv, const bf16 *cos_table, const bf16 *sin_table,
+                       const int64_t *slots, const int64_t *positions, const int64_t *lengths,
+                       int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                       bf16 *k_cache, bf16 *v_cache, int64_t num_slots, int64_t max_len,
+                       float scale, bf16 *out, int num_threads) {
+    lt_rope_store(qkv, cos_table, sin_table, slots, positions, rows, heads, kv_heads, head_dim,
+                  k_cache, v_cache, num_slots, max_len, num_threads);
+    lt_attention(qkv, (heads + 2 * kv_heads) * head_dim, k_cache, v_cache, slots, lengths, rows,
+                 heads, kv_heads, head_dim, num_slots, max_len, scale, out, num_threads);
+}
+
 /* Index of the first largest value of each row (greedy decoding). bf16 values are mapped to
  * unsigned keys that sort like the numbers, so the maximum is an integer reduction that
  * vectorises; a second pass finds where it first occurs. */

@@ -47,6 +47,9 @@ SIGNATURES: dict[str, list[type]] = {
     "lt_rope_store": [_p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, ctypes.c_int],
     "lt_attention": [_p, _i, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _p, ctypes.c_int],
     "lt_argmax": [_p, _i, _i, _p],
+    "lt_rope_attention": [
+        *[_p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, _f, _p, ctypes.c_int]
+    ],
 }
 
 
@@ -158,31 +161,40 @@ class CpuKernels:
             function.restype = None
         self._lib = library
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """``[rows, dim]`` (rows may be strided) -> new contiguous ``[rows, dim]``."""
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[rows, dim]`` (rows may be strided) -> ``out`` (or a new tensor), contiguous."""
         rows, dim = x.shape
         assert x.stride(1) == 1
-        out = torch.empty((rows, dim), dtype=x.dtype)
+        out = torch.empty((rows, dim), dtype=x.dtype) if out is None else out
         self._lib.lt_rms_norm(
             x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps
         )
         return out
 
     def add_rms_norm(
-        self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x += delta`` in place (both contiguous ``[rows, dim]``), then ``rms_norm(x)``."""
+        """``x += delta`` in place (both contiguous ``[rows, dim]``), then ``rms_norm(x)`` into
+        ``out`` (or a new tensor)."""
         rows, dim = x.shape
-        out = torch.empty((rows, dim), dtype=x.dtype)
+        out = torch.empty((rows, dim), dtype=x.dtype) if out is None else out
         self._lib.lt_add_rms_norm(
             x.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps
         )
         return out
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``[rows, 2 * inter]`` (gate then up) -> ``silu(gate) * up``."""
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[rows, 2 * inter]`` (gate then up) -> ``silu(gate) * up`` in ``out`` (or new)."""
         rows, width = gate_up.shape
-        out = torch.empty((rows, width // 2), dtype=gate_up.dtype)
+        if out is None:
+            out = torch.empty((rows, width // 2), dtype=gate_up.dtype)
         threads = torch.get_num_threads()
         self._lib.lt_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, threads)
         return out
@@ -249,6 +261,41 @@ class CpuKernels:
             head_dim**-0.5,
             out.data_ptr(),
             threads,
+        )
+
+    def rope_attention(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        heads: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        """``rope_store`` then ``attention`` for every row of ``qkv``, in one call."""
+        num_slots, kv_heads, max_len, head_dim = k_cache.shape
+        self._lib.lt_rope_attention(
+            qkv.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            positions.data_ptr(),
+            lengths.data_ptr(),
+            qkv.shape[0],
+            heads,
+            kv_heads,
+            head_dim,
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            num_slots,
+            max_len,
+            head_dim**-0.5,
+            out.data_ptr(),
+            torch.get_num_threads(),
         )
 
     def argmax(self, logits: torch.Tensor) -> list[int]:

@@ -90,7 +90,26 @@ def test_silu_mul_is_bit_identical(kernels: native.CpuKernels, rows: int) -> Non
     assert torch.equal(kernels.silu_mul(gate_up), F.silu(gate) * up)
 
 
-def test_rope_store_rotates_and_writes_the_cache(kernels: native.CpuKernels) -> None:
+def layer(
+    kernels: native.CpuKernels,
+    qkv: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    threads: int = 2,
+) -> torch.Tensor:
+    """One layer's ``rope_attention`` with the test tables; returns the attention output."""
+    cos, sin = rope_tables()
+    out = torch.empty(qkv.shape[0], HEADS * HEAD_DIM).bfloat16()
+    lengths = positions + 1
+    kernels.rope_attention(
+        qkv, cos, sin, slots, positions, lengths, HEADS, k_cache, v_cache, out, threads
+    )
+    return out
+
+
+def test_rope_rotates_and_writes_the_cache(kernels: native.CpuKernels) -> None:
     torch.manual_seed(3)
     cos, sin = rope_tables()
     rows = 10  # 8 or more rows run on every thread
@@ -103,7 +122,7 @@ def test_rope_store_rotates_and_writes_the_cache(kernels: native.CpuKernels) -> 
     rotated = qk * cos[positions, None] + qk.roll(half, dims=-1) * sin[positions, None]
     k_cache = torch.zeros(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
     v_cache = torch.zeros_like(k_cache)
-    kernels.rope_store(qkv, cos, sin, slots, positions, HEADS, KV_HEADS, HEAD_DIM, k_cache, v_cache)
+    layer(kernels, qkv, slots, positions, k_cache, v_cache)
     out = qkv.view(rows, -1, HEAD_DIM)
     assert torch.equal(out[:, : HEADS + KV_HEADS], rotated)
     assert torch.equal(out[:, HEADS + KV_HEADS :], heads[:, HEADS + KV_HEADS :])  # v untouched
@@ -118,29 +137,29 @@ def test_rope_store_rotates_and_writes_the_cache(kernels: native.CpuKernels) -> 
     assert not v_cache.permute(0, 2, 1, 3)[~written].any()
 
 
-def test_rope_store_skips_rows_outside_the_cache(kernels: native.CpuKernels) -> None:
-    cos, sin = rope_tables()
+def test_rows_outside_the_cache_write_nothing(kernels: native.CpuKernels) -> None:
     qkv = torch.randn(3, (HEADS + 2 * KV_HEADS) * HEAD_DIM).bfloat16()
     k_cache = torch.zeros(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
     v_cache = torch.zeros_like(k_cache)
     slots, positions = torch.tensor([SLOTS, -1, 0]), torch.tensor([0, 0, MAX_LEN])
-    kernels.rope_store(qkv, cos, sin, slots, positions, HEADS, KV_HEADS, HEAD_DIM, k_cache, v_cache)
+    out = layer(kernels, qkv, slots, positions, k_cache, v_cache)
     assert not k_cache.any() and not v_cache.any()
+    assert not out[:2].any()  # no slot: no attention either
 
 
 def test_attention_matches_sdpa_for_decode_and_prompt_rows(kernels: native.CpuKernels) -> None:
     torch.manual_seed(4)
     keys = torch.randn(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
-    values = torch.randn_like(keys)
+    k_cache, v_cache = block_keys(keys), torch.randn_like(keys)
     # two decode rows, then a 5-token prompt chunk of slot 3 at positions 40..44 (causal)
     slots = torch.tensor([5, 0, 3, 3, 3, 3, 3])
-    lengths = torch.tensor([1, MAX_LEN, 41, 42, 43, 44, 45])
+    positions = torch.tensor([0, MAX_LEN - 1, 40, 41, 42, 43, 44])
     qkv = torch.randn(len(slots), (HEADS + 2 * KV_HEADS) * HEAD_DIM).bfloat16()
-    out = torch.empty(len(slots), HEADS * HEAD_DIM).bfloat16()
-    kernels.attention(qkv, block_keys(keys), values, slots, lengths, HEADS, out, 2)
+    out = layer(kernels, qkv, slots, positions, k_cache, v_cache)
+    keys, values = unblock_keys(k_cache), v_cache  # each row's own key and value written first
     for row in range(len(slots)):
-        slot, length = int(slots[row]), int(lengths[row])
-        query = qkv[row].view(-1, HEAD_DIM)[:HEADS].float().unsqueeze(1)  # [heads, 1, dim]
+        slot, length = int(slots[row]), int(positions[row]) + 1
+        query = qkv[row].view(-1, HEAD_DIM)[:HEADS].float().unsqueeze(1)  # rotated, in place
         expected = F.scaled_dot_product_attention(
             query,
             keys[slot, :, :length].float().repeat_interleave(HEADS // KV_HEADS, dim=0),
@@ -151,14 +170,14 @@ def test_attention_matches_sdpa_for_decode_and_prompt_rows(kernels: native.CpuKe
 
 def test_attention_of_a_row_does_not_depend_on_the_batch(kernels: native.CpuKernels) -> None:
     torch.manual_seed(5)
-    keys = block_keys(torch.randn(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16())
-    values = torch.randn(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
+    k_cache = block_keys(torch.randn(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16())
+    v_cache = torch.randn(SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM).bfloat16()
     qkv = torch.randn(SLOTS, (HEADS + 2 * KV_HEADS) * HEAD_DIM).bfloat16()
-    slots, lengths = torch.arange(SLOTS), torch.randint(1, MAX_LEN, (SLOTS,))
-    together = torch.empty(SLOTS, HEADS * HEAD_DIM).bfloat16()
-    kernels.attention(qkv, keys, values, slots, lengths, HEADS, together, 2)
-    alone = torch.empty(1, HEADS * HEAD_DIM).bfloat16()
-    kernels.attention(qkv[3:4], keys, values, slots[3:4], lengths[3:4], HEADS, alone, 1)
+    slots, positions = torch.arange(SLOTS), torch.randint(0, MAX_LEN, (SLOTS,))
+    alone_qkv = qkv[3:4].clone()
+    together = layer(kernels, qkv, slots, positions, k_cache, v_cache, threads=2)
+    # row 3 again, by itself on one thread: it writes the same key and value, reads the same
+    alone = layer(kernels, alone_qkv, slots[3:4], positions[3:4], k_cache, v_cache, threads=1)
     assert torch.equal(alone[0], together[3])
 
 

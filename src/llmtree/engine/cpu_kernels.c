@@ -124,7 +124,7 @@ static inline int64_t key_offset(int64_t slot, int64_t head, int64_t pos, int64_
  * head_dim]), in place, and the row's rotated keys and its values written into the layer's cache
  * at (slots[r], positions[r]). cos/sin are the [max_len, head_dim] tables; sin has its first half
  * negated, so rotate_half(x) * sin == roll(x, half) * sin. */
-void lt_rope_store(bf16 *qkv, const bf16 *cos_table, const bf16 *sin_table,
+static void rope_store(bf16 *qkv, const bf16 *cos_table, const bf16 *sin_table,
                    const int64_t *slots, const int64_t *positions, int64_t rows, int64_t heads,
                    int64_t kv_heads, int64_t head_dim, bf16 *k_cache, bf16 *v_cache,
                    int64_t num_slots, int64_t max_len, int num_threads) {
@@ -255,7 +255,7 @@ static inline void weigh_values(const float *restrict p, int64_t stride, const b
  * q is read from qkv rows (the first `heads` heads, already rotated); the heads sharing a kv head
  * are done together so each key and value is read once. out is [rows, heads * head_dim].
  * Softmax in float32; a row's result depends only on that row's query and cache. */
-void lt_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_cache, const bf16 *v_cache,
+static void attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_cache, const bf16 *v_cache,
                   const int64_t *slots, const int64_t *lengths, int64_t rows, int64_t heads,
                   int64_t kv_heads, int64_t head_dim, int64_t num_slots, int64_t max_len,
                   float scale, bf16 *out, int num_threads) {
@@ -307,15 +307,15 @@ void lt_attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_cache, cons
     }
 }
 
-/* lt_rope_store, then lt_attention over the same rows: one call per layer for both. */
+/* One layer's attention: rope_store, then attention over the same rows, in one call. */
 void lt_rope_attention(bf16 *qkv, const bf16 *cos_table, const bf16 *sin_table,
                        const int64_t *slots, const int64_t *positions, const int64_t *lengths,
                        int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim,
                        bf16 *k_cache, bf16 *v_cache, int64_t num_slots, int64_t max_len,
                        float scale, bf16 *out, int num_threads) {
-    lt_rope_store(qkv, cos_table, sin_table, slots, positions, rows, heads, kv_heads, head_dim,
+    rope_store(qkv, cos_table, sin_table, slots, positions, rows, heads, kv_heads, head_dim,
                   k_cache, v_cache, num_slots, max_len, num_threads);
-    lt_attention(qkv, (heads + 2 * kv_heads) * head_dim, k_cache, v_cache, slots, lengths, rows,
+    attention(qkv, (heads + 2 * kv_heads) * head_dim, k_cache, v_cache, slots, lengths, rows,
                  heads, kv_heads, head_dim, num_slots, max_len, scale, out, num_threads);
 }
 

@@ -40,16 +40,13 @@ _loaded: dict[str, CpuKernels | None] = {}
 _p = ctypes.c_void_p
 _i = ctypes.c_int64
 _f = ctypes.c_float
+_c = ctypes.c_int
 SIGNATURES: dict[str, list[type]] = {
     "lt_rms_norm": [_p, _i, _p, _p, _i, _i, _f],
     "lt_add_rms_norm": [_p, _p, _p, _p, _i, _i, _f],
-    "lt_silu_mul": [_p, _p, _i, _i, ctypes.c_int],
-    "lt_rope_store": [_p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, ctypes.c_int],
-    "lt_attention": [_p, _i, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _p, ctypes.c_int],
+    "lt_silu_mul": [_p, _p, _i, _i, _c],
     "lt_argmax": [_p, _i, _i, _p],
-    "lt_rope_attention": [
-        *[_p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, _f, _p, ctypes.c_int]
-    ],
+    "lt_rope_attention": [_p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, _f, _p, _c],
 }
 
 
@@ -199,70 +196,6 @@ class CpuKernels:
         self._lib.lt_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, threads)
         return out
 
-    def rope_store(
-        self,
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        slots: torch.Tensor,
-        positions: torch.Tensor,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> None:
-        """Rotates q and k of ``qkv`` in place and writes k and v into the layer's cache (keys in
-        the blocked layout the attention reads)."""
-        num_slots, _, max_len, _ = k_cache.shape
-        self._lib.lt_rope_store(
-            qkv.data_ptr(),
-            cos.data_ptr(),
-            sin.data_ptr(),
-            slots.data_ptr(),
-            positions.data_ptr(),
-            qkv.shape[0],
-            heads,
-            kv_heads,
-            head_dim,
-            k_cache.data_ptr(),
-            v_cache.data_ptr(),
-            num_slots,
-            max_len,
-            torch.get_num_threads(),
-        )
-
-    def attention(
-        self,
-        qkv: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slots: torch.Tensor,
-        lengths: torch.Tensor,
-        heads: int,
-        out: torch.Tensor,
-        threads: int,
-    ) -> None:
-        """Each row of ``qkv`` attends to the first ``lengths[row]`` positions of its slot."""
-        num_slots, kv_heads, max_len, head_dim = k_cache.shape
-        self._lib.lt_attention(
-            qkv.data_ptr(),
-            qkv.stride(0),
-            k_cache.data_ptr(),
-            v_cache.data_ptr(),
-            slots.data_ptr(),
-            lengths.data_ptr(),
-            slots.shape[0],
-            heads,
-            kv_heads,
-            head_dim,
-            num_slots,
-            max_len,
-            head_dim**-0.5,
-            out.data_ptr(),
-            threads,
-        )
-
     def rope_attention(
         self,
         qkv: torch.Tensor,
@@ -275,8 +208,12 @@ class CpuKernels:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         out: torch.Tensor,
+        threads: int | None = None,
     ) -> None:
-        """``rope_store`` then ``attention`` for every row of ``qkv``, in one call."""
+        """One layer's attention for every row of ``qkv`` (``[rows, heads + 2 kv_heads,
+        head_dim]``, contiguous): rotates q and k in place, writes k and v into the layer's cache
+        at ``(slots, positions)`` (keys in the blocked layout), then each row attends to the
+        first ``lengths[row]`` positions of its slot, into ``out`` ``[rows, heads * head_dim]``."""
         num_slots, kv_heads, max_len, head_dim = k_cache.shape
         self._lib.lt_rope_attention(
             qkv.data_ptr(),
@@ -295,7 +232,7 @@ class CpuKernels:
             max_len,
             head_dim**-0.5,
             out.data_ptr(),
-            torch.get_num_threads(),
+            torch.get_num_threads() if threads is None else threads,
         )
 
     def argmax(self, logits: torch.Tensor) -> list[int]:

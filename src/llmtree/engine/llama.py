@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from llmtree.engine import native
 from llmtree.engine.kv_cache import KVCache
-from llmtree.engine.linear import INT4_MAX_ROWS, Linear, can_pack
+from llmtree.engine.linear import INT4_MAX_ROWS, INT4_MAX_ROWS_AMX, Linear, can_pack
 from llmtree.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -148,6 +148,8 @@ class LlamaForward:
         self.dtype = dtype
         self.device: torch.device = inner.embed_tokens.weight.device
         self._pack = can_pack(self.device, dtype)
+        q_norm = getattr(inner.layers[0].self_attn, "q_norm", None) if inner.layers else None
+        self.kernels = self._native_kernels(q_norm is not None) if allow_native else None
         self.layers = []
         for layer in inner.layers:
             self.layers.append(self._layer(layer))
@@ -156,7 +158,9 @@ class LlamaForward:
         self.embed = inner.embed_tokens.weight.detach().to(dtype)
         tied = hf_model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
         lm_head = self.embed if tied else hf_model.lm_head.weight
-        self.lm_head = Linear(lm_head, None, dtype, self._pack, allow_int4=False)
+        self.lm_head = Linear(
+            lm_head, None, dtype, self._pack, allow_int4=False, kernels=self.kernels
+        )
         rotary = inner.rotary_emb
         positions = torch.arange(max_len, dtype=torch.float32, device=self.device)
         freqs = positions[:, None] * rotary.inv_freq.to(self.device, torch.float32)[None, :]
@@ -167,14 +171,19 @@ class LlamaForward:
         half = self.head_dim // 2
         self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self.uses_int4 = any(layer.qkv.int4 is not None for layer in self.layers)
-        self.kernels = self._native_kernels() if allow_native else None
+        self.int4_max_rows = (
+            INT4_MAX_ROWS_AMX
+            if self.layers and self.layers[0].qkv.amx is not None
+            else INT4_MAX_ROWS
+        )
+        """Steps with at most this many decode rows multiply them by the int4 weights."""
 
-    def _native_kernels(self) -> native.CpuKernels | None:
+    def _native_kernels(self, has_qk_norm: bool) -> native.CpuKernels | None:
         """The fused CPU kernels, where they fit this model and device (else None)."""
         fits = (
             self.device.type == "cpu"
             and self.dtype == torch.bfloat16
-            and self.layers[0].q_norm is None
+            and not has_qk_norm
             and self.head_dim <= 512
             and self.head_dim % 2 == 0
         )
@@ -194,7 +203,9 @@ class LlamaForward:
         weight = _cat(*(m.weight for m in modules))
         assert weight is not None
         bias = _cat(*(m.bias for m in modules))
-        return Linear(weight, bias, self.dtype, self._pack, allow_int4=self._allow_int4)
+        return Linear(
+            weight, bias, self.dtype, self._pack, allow_int4=self._allow_int4, kernels=self.kernels
+        )
 
     def _layer(self, layer: Any) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -231,7 +242,7 @@ class LlamaForward:
         rows = x.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         decodes = batch.decode.num_rows if batch.decode is not None else 0
-        small = decodes if decodes <= INT4_MAX_ROWS else 0
+        small = decodes if decodes <= self.int4_max_rows else 0
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self.rms_norm(x, layer.input_norm), small).view(rows, -1, head_dim)
             qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
@@ -257,7 +268,7 @@ class LlamaForward:
         rather than a new tensor per call: a step makes a few hundred calls."""
         x = F.embedding(batch.input_ids, self.embed)
         decodes = batch.decode.num_rows if batch.decode is not None else 0
-        small = decodes if decodes <= INT4_MAX_ROWS else 0
+        small = decodes if decodes <= self.int4_max_rows else 0
         eps, layers, heads = self.eps, self.layers, self.num_heads
         hidden = kernels.rms_norm(x, layers[0].input_norm, eps)
         attention = x.new_empty(x.shape[0], heads * self.head_dim)

@@ -29,7 +29,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCES = (
+    Path(__file__).with_name("cpu_kernels.c"),
+    Path(__file__).with_name("cpu_matmul.c"),
+)
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
 KEY_BLOCK = 16
 """Positions per block of the key cache layout of ``cpu_kernels.c``; the cache's length is a
@@ -47,7 +50,11 @@ SIGNATURES: dict[str, list[type]] = {
     "lt_silu_mul": [_p, _p, _i, _i, _c],
     "lt_argmax": [_p, _i, _i, _p],
     "lt_rope_attention": [_p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, _f, _p, _c],
+    "lt_amx_pack": [_p, _i, _i, _p],
+    "lt_amx_linear": [_p, _i, _i, _p, _i, _i, _p, _i, _c],
 }
+AMX_BLOCK = 32
+"""Output columns and inputs of a weight must be multiples of this for ``amx_linear``."""
 
 
 def cache_dir() -> Path:
@@ -94,11 +101,10 @@ def build() -> Path | None:
     if compiler is None:
         logger.info("no C compiler found; the engine uses its PyTorch path")
         return None
-    source = SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join(
             [
-                source,
+                *(source.read_bytes() for source in SOURCES),
                 " ".join(FLAGS).encode(),
                 _compiler_version(compiler).encode(),
                 _cpu_signature().encode(),
@@ -120,7 +126,7 @@ def build() -> Path | None:
         # build beside the target and rename: nodes starting together never load a partial file
         fd, partial = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
         os.close(fd)
-        argv = [compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"]
+        argv = [compiler, *FLAGS, "-o", partial, *map(str, SOURCES), "-lm"]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
@@ -156,7 +162,11 @@ class CpuKernels:
             function = getattr(library, name)
             function.argtypes = argtypes
             function.restype = None
+        library.lt_amx_init.argtypes = []
+        library.lt_amx_init.restype = ctypes.c_int
         self._lib = library
+        self.has_amx = library.lt_amx_init() == 0
+        """True when this CPU, compiler and kernel let the process use the AMX tiles."""
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
@@ -234,6 +244,45 @@ class CpuKernels:
             out.data_ptr(),
             torch.get_num_threads() if threads is None else threads,
         )
+
+    def amx_fits(self, weight: torch.Tensor) -> bool:
+        """True when ``amx_linear`` can multiply by ``weight`` ``[out, in]`` on this machine."""
+        out_features, in_features = weight.shape
+        return self.has_amx and out_features % AMX_BLOCK == 0 and in_features % AMX_BLOCK == 0
+
+    def amx_pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (bf16 ``[out, in]``, ``amx_fits``) in the tile layout of ``amx_linear``."""
+        out_features, in_features = weight.shape
+        dense = weight.detach().to(torch.bfloat16).contiguous()
+        packed = torch.empty((out_features, in_features), dtype=torch.bfloat16)
+        self._lib.lt_amx_pack(dense.data_ptr(), out_features, in_features, packed.data_ptr())
+        return packed
+
+    def amx_linear(
+        self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x @ weight.T`` for ``x`` ``[rows, in]`` (rows may be strided) and ``packed`` from
+        ``amx_pack``, into ``out`` ``[rows, out]`` (or a new tensor)."""
+        rows, in_features = x.shape
+        out_features = packed.shape[0]
+        assert x.stride(1) == 1 and in_features == packed.shape[1]
+        if out is None:
+            out = torch.empty((rows, out_features), dtype=torch.bfloat16)
+        assert out.shape == (rows, out_features) and out.stride(1) == 1
+        if rows == 0:
+            return out
+        self._lib.lt_amx_linear(
+            x.data_ptr(),
+            x.stride(0),
+            rows,
+            packed.data_ptr(),
+            out_features,
+            in_features,
+            out.data_ptr(),
+            out.stride(0),
+            torch.get_num_threads(),
+        )
+        return out
 
     def argmax(self, logits: torch.Tensor) -> list[int]:
         """First index of each row's largest value (``[rows, vocab]``, contiguous)."""

@@ -1,0 +1,99 @@
+"""The AMX matrix products (``engine/cpu_matmul.c``) against PyTorch's.
+
+On a CPU with AMX (this project's CI machine has it) every dense weight of the bf16 forward is
+multiplied there: the products must equal float32 sums rounded once to bf16, for any number of
+rows, strided inputs and outputs, and must not write outside the rows asked for. A row's result
+must not depend on the rows beside it. Where the CPU has no AMX, nothing may claim it does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmtree.engine import native
+from llmtree.engine.linear import Linear
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.CpuKernels:
+    built = native.load()
+    assert built is not None, "the CPU kernels did not build (is a C compiler installed?)"
+    return built
+
+
+def cpu_has_amx() -> bool:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 sums of the bf16 inputs, rounded once to bf16."""
+    return F.linear(x.float(), weight.float()).bfloat16()
+
+
+def test_amx_is_used_exactly_where_the_cpu_has_it(kernels: native.CpuKernels) -> None:
+    assert kernels.has_amx == cpu_has_amx()
+    weight = torch.randn(64, 96).bfloat16()
+    assert kernels.amx_fits(weight) == cpu_has_amx()
+    assert not kernels.amx_fits(torch.randn(48, 96).bfloat16())  # 48 outputs: not whole blocks
+    assert not kernels.amx_fits(torch.randn(64, 40).bfloat16())
+
+
+needs_amx = pytest.mark.skipif(not cpu_has_amx(), reason="this CPU has no AMX (checked above)")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 45, 64, 130])
+@pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (576, 1536), (64, 32)])
+def test_amx_linear_is_the_rounded_float32_product(
+    kernels: native.CpuKernels, rows: int, out_features: int, in_features: int
+) -> None:
+    torch.manual_seed(rows * 7 + out_features)
+    weight = (torch.randn(out_features, in_features) * 0.05).bfloat16()
+    wide = torch.randn(rows, in_features + 24).bfloat16()
+    x = wide[:, 8 : 8 + in_features]  # rows strided, as a slice of a wider tensor is
+    sentinel = torch.full((rows + 3, out_features + 16), 7.0, dtype=torch.bfloat16)
+    out = sentinel[:rows, 16:]
+    result = kernels.amx_linear(x, kernels.amx_pack(weight), out=out)
+    assert result.data_ptr() == out.data_ptr()
+    expected = reference(x, weight)
+    # the same float32 sums in another order: at most a rounding step of bf16 apart
+    torch.testing.assert_close(result.float(), expected.float(), rtol=8e-3, atol=1e-3)
+    assert (sentinel[rows:] == 7.0).all() and (sentinel[:, :16] == 7.0).all()
+
+
+@needs_amx
+def test_a_row_does_not_depend_on_the_rows_beside_it(kernels: native.CpuKernels) -> None:
+    torch.manual_seed(3)
+    weight = (torch.randn(3072, 576) * 0.05).bfloat16()
+    packed = kernels.amx_pack(weight)
+    batch = torch.randn(37, 576).bfloat16()
+    together = kernels.amx_linear(batch, packed)
+    for row in (0, 15, 16, 36):
+        alone = kernels.amx_linear(batch[row : row + 1], packed)
+        assert torch.equal(alone[0], together[row])
+
+
+@needs_amx
+def test_no_rows_is_an_empty_product(kernels: native.CpuKernels) -> None:
+    packed = kernels.amx_pack(torch.randn(64, 64).bfloat16())
+    assert kernels.amx_linear(torch.empty(0, 64, dtype=torch.bfloat16), packed).shape == (0, 64)
+
+
+def test_a_linear_uses_amx_where_it_fits_and_onednn_elsewhere(kernels: native.CpuKernels) -> None:
+    torch.manual_seed(5)
+    x = torch.randn(9, 96).bfloat16()
+    for out_features, fits in ((64, cpu_has_amx()), (40, False)):
+        weight = (torch.randn(out_features, 96) * 0.1).bfloat16()
+        bias = torch.randn(out_features).bfloat16()
+        linear = Linear(weight, bias, torch.bfloat16, pack=True, allow_int4=False, kernels=kernels)
+        assert (linear.amx is not None) == fits
+        expected = F.linear(x.float(), weight.float(), bias.float())
+        torch.testing.assert_close(linear(x).float(), expected, rtol=2e-2, atol=2e-2)

@@ -4,6 +4,9 @@ On a CPU with AMX (this project's CI machine has it) every dense weight of the b
 multiplied there: the products must equal float32 sums rounded once to bf16, for any number of
 rows, strided inputs and outputs, and must not write outside the rows asked for. A row's result
 must not depend on the rows beside it. Where the CPU has no AMX, nothing may claim it does.
+
+The 8-bit products (``lt_q8_linear``) multiply by the exact values of a Q8_0 weight (the GGUF
+form of SmolLM2's output head) in the steps that take the int4 forms.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtree.engine import native
-from llmtree.engine.linear import Linear
+from llmtree.engine.linear import Linear, to_q8
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +100,91 @@ def test_a_linear_uses_amx_where_it_fits_and_onednn_elsewhere(kernels: native.Cp
         assert (linear.amx is not None) == fits
         expected = F.linear(x.float(), weight.float(), bias.float())
         torch.testing.assert_close(linear(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def q8_weight(out_features: int, in_features: int, seed: int) -> torch.Tensor:
+    """A float32 weight made the way llama.cpp makes a Q8_0 block: per 32 inputs, a float16
+    scale ``max|w| / 127`` and integers in [-127, 127] (the largest magnitude 127)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (out_features, in_features // 32, 32), generator=generator)
+    q[..., 0] = 127
+    scale = (torch.rand(out_features, in_features // 32, 1, generator=generator) * 0.01).half()
+    return (q.float() * scale.float()).view(out_features, in_features)
+
+
+def test_to_q8_finds_the_blocks_exactly_and_refuses_anything_else() -> None:
+    weight = q8_weight(64, 96, seed=1)
+    q8 = to_q8(weight)
+    assert q8 is not None
+    q, scales = q8
+    assert q.dtype == torch.int8 and scales.shape == (64, 3)
+    rebuilt = (q.float().view(64, 3, 32) * scales.view(64, 3, 1)).view(64, 96)
+    assert torch.equal(rebuilt, weight)
+    zero_block = weight.clone()
+    zero_block[5, 32:64] = 0.0  # a block of zeros has the scale 0
+    assert to_q8(zero_block) is not None
+    assert to_q8(torch.randn(64, 96)) is None  # not 8-bit
+    assert to_q8(weight.bfloat16()) is None  # rounded to bf16: the block values are gone
+    assert to_q8(q8_weight(64, 96, seed=1)[:, :80]) is None  # not whole blocks
+    nudged = weight.clone()
+    nudged[0, 1] += scales[0, 0] / 2  # half a step off the grid
+    assert to_q8(nudged) is None
+
+
+needs_q8 = pytest.mark.skipif(
+    native.load() is None or not native.load().has_q8,  # type: ignore[union-attr]
+    reason="no AVX-512 here: the 8-bit products are not used",
+)
+
+
+@needs_q8
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_q8_linear_is_the_exact_weight_times_the_input(
+    kernels: native.CpuKernels, rows: int
+) -> None:
+    weight = q8_weight(320, 576, seed=rows)
+    q8 = to_q8(weight)
+    assert q8 is not None
+    torch.manual_seed(rows)
+    wide = torch.randn(rows, 600).bfloat16()
+    x = wide[:, 8:584]  # strided rows
+    sentinel = torch.full((rows + 2, 336), 7.0, dtype=torch.bfloat16)
+    out = sentinel[:rows, 16:]
+    result = kernels.q8_linear(x, *q8, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    exact = (x.double() @ weight.double().T).bfloat16()
+    # float32 sums of exact products, one bf16 rounding: at most one step of bf16 from the exact
+    torch.testing.assert_close(result.float(), exact.float(), rtol=8e-3, atol=1e-3)
+    assert (sentinel[rows:] == 7.0).all() and (sentinel[:, :16] == 7.0).all()
+
+
+@needs_q8
+def test_q8_refuses_what_it_cannot_take(kernels: native.CpuKernels) -> None:
+    q8 = to_q8(q8_weight(64, 96, seed=2))
+    assert q8 is not None
+    with pytest.raises(AssertionError):
+        kernels.q8_linear(torch.randn(1, 64).bfloat16(), *q8)  # wrong number of inputs
+    with pytest.raises(AssertionError):
+        kernels.q8_linear(torch.randn(1, 96), *q8)  # float32 input
+    assert kernels.q8_linear(torch.empty(0, 96, dtype=torch.bfloat16), *q8).shape == (0, 64)
+
+
+@needs_q8
+def test_a_linear_takes_the_8bit_form_only_where_asked(kernels: native.CpuKernels) -> None:
+    weight = q8_weight(128, 96, seed=3)
+    head = Linear(
+        weight, None, torch.bfloat16, True, allow_int4=False, kernels=kernels, allow_q8=True
+    )
+    assert head.q8 is not None
+    layer = Linear(weight, None, torch.bfloat16, True, allow_int4=False, kernels=kernels)
+    assert layer.q8 is None  # only where asked for: the head, not the layers
+    torch.manual_seed(4)
+    for rows in (1, 3, 9):
+        x = torch.randn(rows, 96).bfloat16()
+        exact = x.double() @ weight.double().T
+        compact, dense = head(x, rows), head(x)
+        assert torch.equal(compact, kernels.q8_linear(x, *head.q8))
+        torch.testing.assert_close(compact.double(), exact, rtol=8e-3, atol=1e-3)
+        # the bf16 form rounds the weights (up to 1.27 here): sums of 96 terms a few steps off
+        torch.testing.assert_close(dense.double(), exact, rtol=2e-2, atol=8e-2)
+        assert torch.equal(head(x, rows - 1), dense)  # all rows or none

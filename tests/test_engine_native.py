@@ -277,6 +277,33 @@ def test_the_fused_forward_computes_what_the_pytorch_forward_computes() -> None:
         assert ours.output_ids == theirs.output_ids
 
 
+@pytest.mark.model
+def test_the_head_of_the_default_model_is_its_exact_q8_form(kernels: native.CpuKernels) -> None:
+    """SmolLM2's GGUF file holds the token embedding (its tied output head) as Q8_0: one-row steps
+    multiply by those exact values, and land at least as near the float32 logits as bf16 does."""
+    loaded = _load()
+    prompt = loaded.tokenizer(TEXTS[0])["input_ids"]
+    with torch.inference_mode():
+        exact = loaded.model.float()(torch.tensor([prompt])).logits[0, -1]
+    runner = _runner(True)
+    head = runner.model.lm_head
+    assert (head.q8 is not None) == kernels.has_q8
+    assert all(layer.qkv.q8 is None and layer.down.q8 is None for layer in runner.model.layers)
+    if head.q8 is None:
+        return
+    logits = {}
+    for name, form in (("q8", head.q8), ("bf16", None)):
+        head.q8 = form
+        seq = Sequence(name, prompt, SamplingParams(max_tokens=4, temperature=0))
+        seq.slot, seq.status = 0, SequenceStatus.RUNNING
+        plan = StepPlan(prefills=[PrefillChunk(seq, 0, len(prompt))])
+        logits[name] = runner.model.forward(runner._build(plan), runner.cache).float()[0]
+        runner.release([0])
+    error = {name: (value - exact).abs().mean().item() for name, value in logits.items()}
+    assert error["q8"] < 0.2 and error["q8"] <= 1.05 * error["bf16"], error
+    assert int(logits["q8"].argmax()) == int(exact.argmax())
+
+
 def test_a_folder_others_can_write_is_not_used(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -14,18 +14,109 @@
  * (2 x 2 tiles of 16 x 16 float sums), the weight tiles of a column block staying in L2 for the
  * next 32 rows. Sums are float32, rounded once to bf16 (nearest even), as oneDNN does.
  *
+ * lt_q8_linear multiplies a few rows by a weight held as 8-bit integers with one scale per 32
+ * inputs (llama.cpp's Q8_0 blocks, in which GGUF files keep the token embedding that is also the
+ * output head): half the bytes of bf16, and the exact values of the file. A step that samples one
+ * sequence reads the 28 MB head of SmolLM2 instead of 57. Rows are taken Q8_ROWS at a time, each
+ * group of 32 weights converted to float once for all of them.
+ *
  * Built with cpu_kernels.c into one library by llmtree/engine/native.py; lt_amx_init() says
  * whether this CPU and kernel let the process use AMX, and the caller keeps oneDNN otherwise.
  */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 typedef uint16_t bf16;
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+
+/* 1 when lt_q8_linear has its vector path here (the caller keeps bf16 products otherwise). */
+int lt_q8_fast(void) { return 1; }
+#else
+int lt_q8_fast(void) { return 0; }
+#endif
+
+/* Rounds to the nearest bf16, ties to even (sums here are finite). */
+static inline bf16 float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (bf16)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+static inline float bf16_to_float(bf16 v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#define Q8_GROUP 32
+#define Q8_ROWS 4
+#define Q8_AHEAD 8
+
+/* out[m, n] (row stride ldo) = x[m, k] (row stride ldx) @ w^T for m <= Q8_ROWS, where w[j, i] =
+ * q[j, i] * scales[j, i / 32] and k is a multiple of 32. Each group of
+ * 32 products is summed in float, scaled, and added to the output's float sum; the sum is rounded
+ * once to bf16. A thread owns a contiguous range of outputs and reads its part of q front to back. */
+static void q8_rows(const bf16 *x, int64_t ldx, int64_t m, const int8_t *q, const float *scales,
+                    int64_t n, int64_t k, bf16 *out, int64_t ldo, int num_threads, float *xf) {
+    int64_t groups = k / Q8_GROUP;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t i = 0; i < k; i++) xf[r * k + i] = bf16_to_float(x[r * ldx + i]);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && n >= 256)
+    for (int64_t j = 0; j < n; j++) {
+        const int8_t *row = q + j * k;
+        const float *d = scales + j * groups;
+#if defined(__AVX512F__)
+        for (int64_t line = 0; line < k; line += 64) _mm_prefetch((const char *)(row + Q8_AHEAD * k + line), _MM_HINT_T0);
+        __m512 acc[Q8_ROWS];
+        for (int64_t r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            const __m128i *bytes = (const __m128i *)(row + g * Q8_GROUP);
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes)));
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes + 1)));
+            __m512 scale = _mm512_set1_ps(d[g]);
+            for (int64_t r = 0; r < m; r++) {
+                const float *xg = xf + r * k + g * Q8_GROUP;
+                __m512 sum = _mm512_fmadd_ps(w1, _mm512_load_ps(xg + 16),
+                                             _mm512_mul_ps(w0, _mm512_load_ps(xg)));
+                acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
+            }
+        }
+        for (int64_t r = 0; r < m; r++) out[r * ldo + j] = float_to_bf16(_mm512_reduce_add_ps(acc[r]));
+#else
+        for (int64_t r = 0; r < m; r++) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                float sum = 0.0f;
+                for (int64_t i = 0; i < Q8_GROUP; i++)
+                    sum += (float)row[g * Q8_GROUP + i] * xf[r * k + g * Q8_GROUP + i];
+                acc += sum * d[g];
+            }
+            out[r * ldo + j] = float_to_bf16(acc);
+        }
+#endif
+    }
+}
+
+/* out[m, n] (row stride ldo) = x[m, k] (row stride ldx) @ w^T as above, for any m. */
+void lt_q8_linear(const bf16 *x, int64_t ldx, int64_t m, const int8_t *q, const float *scales,
+                  int64_t n, int64_t k, bf16 *out, int64_t ldo, int num_threads) {
+    if (k % Q8_GROUP) return;
+    float *xf = aligned_alloc(64, (size_t)(Q8_ROWS * k) * sizeof(float));
+    if (!xf) return;
+    for (int64_t r = 0; r < m; r += Q8_ROWS) {
+        int64_t rows = m - r < Q8_ROWS ? m - r : Q8_ROWS;
+        q8_rows(x + r * ldx, ldx, rows, q, scales, n, k, out + r * ldo, ldo, num_threads, xf);
+    }
+    free(xf);
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 

@@ -8,6 +8,10 @@ On a CPU a decode step is limited by memory bandwidth: every step reads every we
 * A weight that is exactly 4-bit per group of 32 (what a Q4_0/Q4_1 GGUF file holds) also keeps
   an int4 copy: a quarter of the bytes of bf16, and no precision lost, for steps with few rows,
   where reading the weights is the whole cost.
+* A weight that is exactly 8-bit per group of 32 with one scale (a Q8_0 block: how GGUF files
+  hold the token embedding that SmolLM2 also uses as its output head) keeps an 8-bit copy, used
+  in the same steps as the int4 forms (``native.q8_linear``): half the bytes of bf16, and the
+  file's own values where the bf16 form rounds them.
 
 Built by ``LlamaForward`` at start; called by it on the engine loop thread.
 """
@@ -18,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from llmtree.engine.native import Q8_GROUP
 
 if TYPE_CHECKING:
     from llmtree.engine.native import CpuKernels
@@ -70,6 +76,27 @@ def to_int4(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return packed, scales_and_zeros
 
 
+def to_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q, scales)``: ``weight`` ``[out, in]`` as int8 ``q`` times one scale per group of
+    ``Q8_GROUP`` inputs, if that loses nothing, else None. A Q8_0 block holds exactly that: its
+    scale is ``max|w| / 127``, a float16 (kept as float32 here, which the kernel reads faster)."""
+    out_features, in_features = weight.shape
+    if in_features % Q8_GROUP or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None  # a weight already rounded to bf16 no longer holds the block's values
+    w = weight.detach().view(out_features, in_features // Q8_GROUP, Q8_GROUP)
+    scale = w.abs().amax(-1, keepdim=True) / 127
+    half = scale.to(torch.float16)
+    if not torch.equal(half.float(), scale):
+        return None
+    q = torch.where(scale > 0, w / scale.clamp(min=1e-30), torch.zeros_like(w)).round_()
+    if not torch.equal(q * scale, w):
+        return None
+    return (
+        q.to(torch.int8).view(out_features, in_features).contiguous(),
+        scale.view(out_features, -1).contiguous(),
+    )
+
+
 class Linear:
     """``y = x @ weight.T + bias`` with the weight in its best forms for this device."""
 
@@ -81,8 +108,10 @@ class Linear:
         pack: bool,
         allow_int4: bool,
         kernels: CpuKernels | None = None,
+        allow_q8: bool = False,
     ) -> None:
-        """``kernels`` (bf16 on a CPU only) multiply in the AMX tile layout where they fit."""
+        """``kernels`` (bf16 on a CPU only) multiply in the AMX tile layout where they fit, and
+        by the 8-bit form if ``allow_q8`` and ``weight`` (float32) is one."""
         self.out_features = weight.shape[0]
         self.int4 = to_int4(weight, dtype) if allow_int4 and pack else None
         self.bias = None if bias is None else bias.detach().to(dtype)
@@ -91,6 +120,10 @@ class Linear:
         self.weight: torch.Tensor | None = dense
         self.kernels: CpuKernels | None = None
         self.amx: torch.Tensor | None = None
+        self.q8: tuple[torch.Tensor, torch.Tensor] | None = None
+        if allow_q8 and kernels is not None and kernels.has_q8 and dtype == torch.bfloat16:
+            self.q8 = to_q8(weight)
+            self.kernels = kernels if self.q8 is not None else None
         if kernels is not None and dtype == torch.bfloat16 and kernels.amx_fits(dense):
             self.kernels, self.amx = kernels, kernels.amx_pack(dense)
             self.weight = None
@@ -99,7 +132,12 @@ class Linear:
             self.weight = None
 
     def __call__(self, x: torch.Tensor, int4_rows: int = 0) -> torch.Tensor:
-        """``x @ weight.T + bias``; the first ``int4_rows`` rows use the int4 form if any."""
+        """``x @ weight.T + bias``; the first ``int4_rows`` rows use the int4 form if any. The
+        8-bit form, if any, takes all rows or none: all when ``int4_rows`` covers them."""
+        if self.q8 is not None and int4_rows >= x.shape[0]:
+            assert self.kernels is not None
+            y = self.kernels.q8_linear(x if x.stride(-1) == 1 else x.contiguous(), *self.q8)
+            return y if self.bias is None else y.add_(self.bias)
         if self.int4 is None or int4_rows <= 0:
             return self._dense(x)
         if int4_rows >= x.shape[0]:

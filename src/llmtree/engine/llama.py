@@ -156,10 +156,14 @@ class LlamaForward:
             _release(layer)
         self.norm = inner.norm.weight.detach().to(dtype)
         self.embed = inner.embed_tokens.weight.detach().to(dtype)
-        tied = hf_model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-        lm_head = self.embed if tied else hf_model.lm_head.weight
         self.lm_head = Linear(
-            lm_head, None, dtype, self._pack, allow_int4=False, kernels=self.kernels
+            hf_model.lm_head.weight,  # the embedding where tied; as loaded, float32 from a GGUF
+            None,
+            dtype,
+            self._pack,
+            allow_int4=False,
+            kernels=self.kernels,
+            allow_q8=allow_int4,
         )
         rotary = inner.rotary_emb
         positions = torch.arange(max_len, dtype=torch.float32, device=self.device)
@@ -242,7 +246,8 @@ class LlamaForward:
         rows = x.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         decodes = batch.decode.num_rows if batch.decode is not None else 0
-        small = decodes if decodes <= self.int4_max_rows else 0
+        compact = decodes <= self.int4_max_rows
+        small = decodes if compact else 0
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self.rms_norm(x, layer.input_norm), small).view(rows, -1, head_dim)
             qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
@@ -257,7 +262,7 @@ class LlamaForward:
             x = x + layer.o(attn, small)
             gate, up = layer.gate_up(self.rms_norm(x, layer.post_norm), small).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up, small)
-        return self.lm_head(self.rms_norm(x[batch.sample_rows], self.norm))
+        return self.head(self.rms_norm(x[batch.sample_rows], self.norm), compact)
 
     def _forward_native(
         self, kernels: native.CpuKernels, batch: ForwardBatch, cache: KVCache
@@ -268,7 +273,8 @@ class LlamaForward:
         rather than a new tensor per call: a step makes a few hundred calls."""
         x = F.embedding(batch.input_ids, self.embed)
         decodes = batch.decode.num_rows if batch.decode is not None else 0
-        small = decodes if decodes <= self.int4_max_rows else 0
+        compact = decodes <= self.int4_max_rows
+        small = decodes if compact else 0
         eps, layers, heads = self.eps, self.layers, self.num_heads
         hidden = kernels.rms_norm(x, layers[0].input_norm, eps)
         attention = x.new_empty(x.shape[0], heads * self.head_dim)
@@ -296,7 +302,13 @@ class LlamaForward:
                 kernels.add_rms_norm(x, delta, layers[index + 1].input_norm, eps, out=hidden)
             else:
                 x.add_(delta)
-        return self.lm_head(kernels.rms_norm(x[batch.sample_rows], self.norm, eps))
+        return self.head(kernels.rms_norm(x[batch.sample_rows], self.norm, eps), compact)
+
+    def head(self, hidden: torch.Tensor, compact: bool) -> torch.Tensor:
+        """Logits of the sampled rows. Steps that take the int4 forms for their decode rows (few
+        decode rows, or none) take the head's 8-bit form for every sampled row, so a row's
+        numbers still depend only on how many sequences decode beside it."""
+        return self.lm_head(hidden, hidden.shape[0] if compact else 0)
 
     def _attention(
         self,

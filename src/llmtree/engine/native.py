@@ -52,9 +52,12 @@ SIGNATURES: dict[str, list[type]] = {
     "lt_rope_attention": [_p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, _f, _p, _c],
     "lt_amx_pack": [_p, _i, _i, _p],
     "lt_amx_linear": [_p, _i, _i, _p, _i, _i, _p, _i, _c],
+    "lt_q8_linear": [_p, _i, _i, _p, _p, _i, _i, _p, _i, _c],
 }
 AMX_BLOCK = 32
 """Output columns and inputs of a weight must be multiples of this for ``amx_linear``."""
+Q8_GROUP = 32
+"""Inputs per scale of the 8-bit weights of ``q8_linear`` (llama.cpp's Q8_0 block)."""
 
 
 def cache_dir() -> Path:
@@ -162,11 +165,14 @@ class CpuKernels:
             function = getattr(library, name)
             function.argtypes = argtypes
             function.restype = None
-        library.lt_amx_init.argtypes = []
-        library.lt_amx_init.restype = ctypes.c_int
+        for probe in (library.lt_amx_init, library.lt_q8_fast):
+            probe.argtypes = []
+            probe.restype = ctypes.c_int
         self._lib = library
         self.has_amx = library.lt_amx_init() == 0
         """True when this CPU, compiler and kernel let the process use the AMX tiles."""
+        self.has_q8 = library.lt_q8_fast() == 1
+        """True when ``q8_linear`` runs on vector instructions here (AVX-512)."""
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
@@ -276,6 +282,42 @@ class CpuKernels:
             x.stride(0),
             rows,
             packed.data_ptr(),
+            out_features,
+            in_features,
+            out.data_ptr(),
+            out.stride(0),
+            torch.get_num_threads(),
+        )
+        return out
+
+    def q8_linear(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x @ weight.T`` for bf16 ``x`` ``[rows, in]`` (rows may be strided) and ``weight = q *
+        scales``, each scale repeated over its group of ``Q8_GROUP`` inputs:
+        ``q`` int8 ``[out, in]``, ``scales`` float32 ``[out, in / Q8_GROUP]``. Into ``out``
+        ``[rows, out]`` bf16 (or a new tensor)."""
+        rows, in_features = x.shape
+        out_features = q.shape[0]
+        assert x.stride(1) == 1 and x.dtype == torch.bfloat16
+        assert q.dtype == torch.int8 and q.shape[1] == in_features and q.is_contiguous()
+        assert scales.dtype == torch.float32 and scales.is_contiguous()
+        assert scales.shape == (out_features, in_features // Q8_GROUP)
+        if out is None:
+            out = torch.empty((rows, out_features), dtype=torch.bfloat16)
+        assert out.shape == (rows, out_features) and out.stride(1) == 1
+        if rows == 0:
+            return out
+        self._lib.lt_q8_linear(
+            x.data_ptr(),
+            x.stride(0),
+            rows,
+            q.data_ptr(),
+            scales.data_ptr(),
             out_features,
             in_features,
             out.data_ptr(),

@@ -8,7 +8,10 @@
  * The weight is packed once (lt_amx_pack) into the tile layout the AMX unit reads: for every
  * block of 32 output columns and every 32 inputs, two 1 KiB tiles (16 columns each) of 16 rows,
  * where row r holds inputs 2r and 2r+1 of each column side by side (the "VNNI" pairs). A thread
- * owns whole column blocks, so it streams its part of the weight front to back; software
+ * owns a range of whole column blocks, so it streams its part of the weight front to back, and
+ * when done takes blocks from the back of a range not done yet (claim_block): a thread the OS
+ * preempts for the gateway or the root no longer stalls the whole step (measured with a process
+ * busy 0.7 ms in every 4.7 beside the engine: 32-row steps 1.07-1.12x faster, alone 1.0x); software
  * prefetch keeps PREFETCH_AHEAD blocks of 32 inputs in flight, which the hardware prefetcher
  * alone does not (measured: 24 -> 17 ms for a 32-row step). Rows are taken 32 at a time
  * (2 x 2 tiles of 16 x 16 float sums), the weight tiles of a column block staying in L2 for the
@@ -117,12 +120,15 @@ void lt_q8_linear(const bf16 *x, int64_t ldx, int64_t m, const int8_t *q, const 
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <omp.h>
+#include <stdatomic.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define PREFETCH_AHEAD 4
+#define MAX_THREADS 256
 
 typedef struct __attribute__((aligned(64))) {
     uint8_t palette, start_row;
@@ -158,6 +164,30 @@ static inline void store_rows(const float *sums, bf16 *out, int64_t ldo, int64_t
     }
 }
 
+/* A thread's column blocks [lo, hi) in one word, so that taking one is a single compare-and-swap. */
+static inline uint64_t pack_range(int64_t lo, int64_t hi) { return (uint64_t)hi << 32 | (uint64_t)lo; }
+
+/* The next column block for thread `me`: the front of its own range, else (its range done) the
+ * back of another's. A thread the OS preempts mid-step would otherwise hold the whole step up at
+ * the join while the other core idles: on a machine shared with the gateway, the root and other
+ * workers, the others take over its remaining blocks instead. -1 when no block is left. */
+static int64_t claim_block(_Atomic uint64_t *ranges, int me, int team) {
+    for (int i = 0; i < team; i++) {
+        int owner = (me + i) % team;
+        uint64_t range = atomic_load_explicit(&ranges[owner], memory_order_relaxed);
+        for (;;) {
+            int64_t lo = (int64_t)(range & 0xffffffffu), hi = (int64_t)(range >> 32);
+            if (lo >= hi) break;
+            int own = owner == me;
+            uint64_t taken = own ? pack_range(lo + 1, hi) : pack_range(lo, hi - 1);
+            if (atomic_compare_exchange_weak_explicit(&ranges[owner], &range, taken,
+                                                      memory_order_relaxed, memory_order_relaxed))
+                return own ? lo : hi - 1;
+        }
+    }
+    return -1;
+}
+
 static inline void prefetch_block(const bf16 *block) {
     const char *p = (const char *)block;
     for (int line = 0; line < 2048; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
@@ -178,6 +208,8 @@ void lt_amx_linear(const bf16 *a, int64_t lda, int64_t m, const bf16 *packed, in
         for (int64_t r = 0; r < tail; r++)
             memcpy(padded + r * k, a + (full * 16 + r) * lda, (size_t)k * sizeof(bf16));
     }
+    _Atomic uint64_t ranges[MAX_THREADS];
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && n_blocks > 1)
     {
         tile_config config = {0};
@@ -188,8 +220,10 @@ void lt_amx_linear(const bf16 *a, int64_t lda, int64_t m, const bf16 *packed, in
         }
         _tile_loadconfig(&config);
         float sums[4][256] __attribute__((aligned(64)));
-#pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < n_blocks; nb++) {
+        int me = omp_get_thread_num(), team = omp_get_num_threads();
+        ranges[me] = pack_range(n_blocks * me / team, n_blocks * (me + 1) / team);
+#pragma omp barrier
+        for (int64_t nb; (nb = claim_block(ranges, me, team)) >= 0;) {
             const bf16 *w = packed + nb * k_blocks * 1024;
             for (int64_t t = 0; t < tiles; t += 2) {
                 int two = t + 1 < tiles;

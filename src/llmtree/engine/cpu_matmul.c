@@ -28,6 +28,8 @@
  */
 
 #include <math.h>
+#include <omp.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,52 +59,94 @@ static inline float bf16_to_float(bf16 v) {
     return f;
 }
 
+#define MAX_THREADS 256
+
+/* A thread's blocks of work [lo, hi) in one word, so that taking one is a single compare-and-swap. */
+static inline uint64_t pack_range(int64_t lo, int64_t hi) { return (uint64_t)hi << 32 | (uint64_t)lo; }
+
+/* The next block for thread `me`: the front of its own range, else (its range done) the back of
+ * another's. A thread the OS preempts mid-step would otherwise hold the whole step up at the join
+ * while the other core idles: on a machine shared with the gateway, the root and other workers,
+ * the others take over its remaining blocks instead. -1 when no block is left. */
+static int64_t claim_block(_Atomic uint64_t *ranges, int me, int team) {
+    for (int i = 0; i < team; i++) {
+        int owner = (me + i) % team;
+        uint64_t range = atomic_load_explicit(&ranges[owner], memory_order_relaxed);
+        for (;;) {
+            int64_t lo = (int64_t)(range & 0xffffffffu), hi = (int64_t)(range >> 32);
+            if (lo >= hi) break;
+            int own = owner == me;
+            uint64_t taken = own ? pack_range(lo + 1, hi) : pack_range(lo, hi - 1);
+            if (atomic_compare_exchange_weak_explicit(&ranges[owner], &range, taken,
+                                                      memory_order_relaxed, memory_order_relaxed))
+                return own ? lo : hi - 1;
+        }
+    }
+    return -1;
+}
+
 #define Q8_GROUP 32
 #define Q8_ROWS 4
 #define Q8_AHEAD 8
+#define Q8_BLOCK 256 /* outputs a thread claims at a time */
+
+/* Output j of every row: the groups of row j of q against the rows of xf (float copies of x). */
+static inline void q8_output(const int8_t *row, const float *d, const float *xf, int64_t m,
+                             int64_t k, bf16 *out, int64_t ldo) {
+    int64_t groups = k / Q8_GROUP;
+#if defined(__AVX512F__)
+    for (int64_t line = 0; line < k; line += 64)
+        _mm_prefetch((const char *)(row + Q8_AHEAD * k + line), _MM_HINT_T0);
+    __m512 acc[Q8_ROWS];
+    for (int64_t r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const __m128i *bytes = (const __m128i *)(row + g * Q8_GROUP);
+        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes)));
+        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes + 1)));
+        __m512 scale = _mm512_set1_ps(d[g]);
+        for (int64_t r = 0; r < m; r++) {
+            const float *xg = xf + r * k + g * Q8_GROUP;
+            __m512 sum = _mm512_fmadd_ps(w1, _mm512_load_ps(xg + 16),
+                                         _mm512_mul_ps(w0, _mm512_load_ps(xg)));
+            acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < m; r++) out[r * ldo] = float_to_bf16(_mm512_reduce_add_ps(acc[r]));
+#else
+    for (int64_t r = 0; r < m; r++) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            float sum = 0.0f;
+            for (int64_t i = 0; i < Q8_GROUP; i++)
+                sum += (float)row[g * Q8_GROUP + i] * xf[r * k + g * Q8_GROUP + i];
+            acc += sum * d[g];
+        }
+        out[r * ldo] = float_to_bf16(acc);
+    }
+#endif
+}
 
 /* out[m, n] (row stride ldo) = x[m, k] (row stride ldx) @ w^T for m <= Q8_ROWS, where w[j, i] =
- * q[j, i] * scales[j, i / 32] and k is a multiple of 32. Each group of
- * 32 products is summed in float, scaled, and added to the output's float sum; the sum is rounded
- * once to bf16. A thread owns a contiguous range of outputs and reads its part of q front to back. */
+ * q[j, i] * scales[j, i / 32] and k is a multiple of 32. Each group of 32 products is summed in
+ * float, scaled, and added to the output's float sum; the sum is rounded once to bf16. Threads
+ * claim Q8_BLOCK outputs at a time (claim_block), reading q front to back within their range. */
 static void q8_rows(const bf16 *x, int64_t ldx, int64_t m, const int8_t *q, const float *scales,
                     int64_t n, int64_t k, bf16 *out, int64_t ldo, int num_threads, float *xf) {
-    int64_t groups = k / Q8_GROUP;
     for (int64_t r = 0; r < m; r++)
         for (int64_t i = 0; i < k; i++) xf[r * k + i] = bf16_to_float(x[r * ldx + i]);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && n >= 256)
-    for (int64_t j = 0; j < n; j++) {
-        const int8_t *row = q + j * k;
-        const float *d = scales + j * groups;
-#if defined(__AVX512F__)
-        for (int64_t line = 0; line < k; line += 64) _mm_prefetch((const char *)(row + Q8_AHEAD * k + line), _MM_HINT_T0);
-        __m512 acc[Q8_ROWS];
-        for (int64_t r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; g++) {
-            const __m128i *bytes = (const __m128i *)(row + g * Q8_GROUP);
-            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes)));
-            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes + 1)));
-            __m512 scale = _mm512_set1_ps(d[g]);
-            for (int64_t r = 0; r < m; r++) {
-                const float *xg = xf + r * k + g * Q8_GROUP;
-                __m512 sum = _mm512_fmadd_ps(w1, _mm512_load_ps(xg + 16),
-                                             _mm512_mul_ps(w0, _mm512_load_ps(xg)));
-                acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
-            }
+    int64_t blocks = (n + Q8_BLOCK - 1) / Q8_BLOCK;
+    _Atomic uint64_t ranges[MAX_THREADS];
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && blocks > 1)
+    {
+        int me = omp_get_thread_num(), team = omp_get_num_threads();
+        ranges[me] = pack_range(blocks * me / team, blocks * (me + 1) / team);
+#pragma omp barrier
+        for (int64_t block; (block = claim_block(ranges, me, team)) >= 0;) {
+            int64_t end = (block + 1) * Q8_BLOCK < n ? (block + 1) * Q8_BLOCK : n;
+            for (int64_t j = block * Q8_BLOCK; j < end; j++)
+                q8_output(q + j * k, scales + j * (k / Q8_GROUP), xf, m, k, out + j, ldo);
         }
-        for (int64_t r = 0; r < m; r++) out[r * ldo + j] = float_to_bf16(_mm512_reduce_add_ps(acc[r]));
-#else
-        for (int64_t r = 0; r < m; r++) {
-            float acc = 0.0f;
-            for (int64_t g = 0; g < groups; g++) {
-                float sum = 0.0f;
-                for (int64_t i = 0; i < Q8_GROUP; i++)
-                    sum += (float)row[g * Q8_GROUP + i] * xf[r * k + g * Q8_GROUP + i];
-                acc += sum * d[g];
-            }
-            out[r * ldo + j] = float_to_bf16(acc);
-        }
-#endif
     }
 }
 
@@ -120,15 +164,12 @@ void lt_q8_linear(const bf16 *x, int64_t ldx, int64_t m, const int8_t *q, const 
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <omp.h>
-#include <stdatomic.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define PREFETCH_AHEAD 4
-#define MAX_THREADS 256
 
 typedef struct __attribute__((aligned(64))) {
     uint8_t palette, start_row;
@@ -162,30 +203,6 @@ static inline void store_rows(const float *sums, bf16 *out, int64_t ldo, int64_t
         __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(sums + r * 16));
         _mm256_storeu_si256((__m256i *)(out + r * ldo), (__m256i)v);
     }
-}
-
-/* A thread's column blocks [lo, hi) in one word, so that taking one is a single compare-and-swap. */
-static inline uint64_t pack_range(int64_t lo, int64_t hi) { return (uint64_t)hi << 32 | (uint64_t)lo; }
-
-/* The next column block for thread `me`: the front of its own range, else (its range done) the
- * back of another's. A thread the OS preempts mid-step would otherwise hold the whole step up at
- * the join while the other core idles: on a machine shared with the gateway, the root and other
- * workers, the others take over its remaining blocks instead. -1 when no block is left. */
-static int64_t claim_block(_Atomic uint64_t *ranges, int me, int team) {
-    for (int i = 0; i < team; i++) {
-        int owner = (me + i) % team;
-        uint64_t range = atomic_load_explicit(&ranges[owner], memory_order_relaxed);
-        for (;;) {
-            int64_t lo = (int64_t)(range & 0xffffffffu), hi = (int64_t)(range >> 32);
-            if (lo >= hi) break;
-            int own = owner == me;
-            uint64_t taken = own ? pack_range(lo + 1, hi) : pack_range(lo, hi - 1);
-            if (atomic_compare_exchange_weak_explicit(&ranges[owner], &range, taken,
-                                                      memory_order_relaxed, memory_order_relaxed))
-                return own ? lo : hi - 1;
-        }
-    }
-    return -1;
 }
 
 static inline void prefetch_block(const bf16 *block) {

@@ -131,15 +131,21 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(dense, PACK_BATCH_HINT)
             self.weight = None
 
-    def __call__(self, x: torch.Tensor, int4_rows: int = 0) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, int4_rows: int = 0, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``x @ weight.T + bias``; the first ``int4_rows`` rows use the int4 form if any. The
-        8-bit form, if any, takes all rows or none: all when ``int4_rows`` covers them."""
+        8-bit form, if any, takes all rows or none: all when ``int4_rows`` covers them.
+
+        ``out`` (``[rows, out_features]``, contiguous) is a buffer the AMX and 8-bit products
+        write into instead of a new tensor; the other forms ignore it, so use what is returned.
+        """
         if self.q8 is not None and int4_rows >= x.shape[0]:
             assert self.kernels is not None
-            y = self.kernels.q8_linear(x if x.stride(-1) == 1 else x.contiguous(), *self.q8)
+            y = self.kernels.q8_linear(x if x.stride(-1) == 1 else x.contiguous(), *self.q8, out)
             return y if self.bias is None else y.add_(self.bias)
         if self.int4 is None or int4_rows <= 0:
-            return self._dense(x)
+            return self._dense(x, out)
         if int4_rows >= x.shape[0]:
             return self._int4(x)
         return torch.cat((self._int4(x[:int4_rows]), self._dense(x[int4_rows:])))
@@ -152,10 +158,11 @@ class Linear:
         )
         return y if self.bias is None else y + self.bias
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.amx is not None:
             assert self.kernels is not None
-            product = self.kernels.amx_linear(x if x.stride(-1) == 1 else x.contiguous(), self.amx)
+            a = x if x.stride(-1) == 1 else x.contiguous()
+            product = self.kernels.amx_linear(a, self.amx, out)
             return product if self.bias is None else product.add_(self.bias)
         if self.packed is not None:
             y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(

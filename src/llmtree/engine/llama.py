@@ -269,18 +269,25 @@ class LlamaForward:
     ) -> torch.Tensor:
         """``forward`` with the fused CPU kernels; the same numbers up to the attention sums.
 
-        The kernels write into three buffers made once per step (hidden, attention, activation)
-        rather than a new tensor per call: a step makes a few hundred calls."""
+        The kernels and the AMX products write into buffers made once per step (hidden,
+        attention, activation, and the products' outputs) rather than a new tensor per call: a
+        step makes a few hundred calls (measured: a fresh output tensor took 17 us inside a
+        32-row step, 3 us in a quiet loop; the step with buffers 1.08x faster, median of four
+        interleaved runs)."""
         x = F.embedding(batch.input_ids, self.embed)
         decodes = batch.decode.num_rows if batch.decode is not None else 0
         compact = decodes <= self.int4_max_rows
         small = decodes if compact else 0
         eps, layers, heads = self.eps, self.layers, self.num_heads
         hidden = kernels.rms_norm(x, layers[0].input_norm, eps)
-        attention = x.new_empty(x.shape[0], heads * self.head_dim)
+        rows = x.shape[0]
+        attention = x.new_empty(rows, heads * self.head_dim)
         activation: torch.Tensor | None = None
+        qkv_out = x.new_empty(rows, layers[0].qkv.out_features)
+        gate_up_out = x.new_empty(rows, layers[0].gate_up.out_features)
+        delta_out = torch.empty_like(x)
         for index, layer in enumerate(layers):
-            qkv = layer.qkv(hidden, small)
+            qkv = layer.qkv(hidden, small, qkv_out)
             k_cache, v_cache = cache.layer(index)
             kernels.rope_attention(
                 qkv,
@@ -294,10 +301,10 @@ class LlamaForward:
                 v_cache,
                 attention,
             )
-            delta = layer.o(attention, small).contiguous()
+            delta = layer.o(attention, small, delta_out).contiguous()
             kernels.add_rms_norm(x, delta, layer.post_norm, eps, out=hidden)
-            activation = kernels.silu_mul(layer.gate_up(hidden, small), out=activation)
-            delta = layer.down(activation, small).contiguous()
+            activation = kernels.silu_mul(layer.gate_up(hidden, small, gate_up_out), out=activation)
+            delta = layer.down(activation, small, delta_out).contiguous()
             if index + 1 < len(layers):
                 kernels.add_rms_norm(x, delta, layers[index + 1].input_norm, eps, out=hidden)
             else:

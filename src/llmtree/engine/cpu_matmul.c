@@ -64,11 +64,21 @@ static inline float bf16_to_float(bf16 v) {
 /* A thread's blocks of work [lo, hi) in one word, so that taking one is a single compare-and-swap. */
 static inline uint64_t pack_range(int64_t lo, int64_t hi) { return (uint64_t)hi << 32 | (uint64_t)lo; }
 
-/* The next block for thread `me`: the front of its own range, else (its range done) the back of
- * another's. A thread the OS preempts mid-step would otherwise hold the whole step up at the join
- * while the other core idles: on a machine shared with the gateway, the root and other workers,
- * the others take over its remaining blocks instead. -1 when no block is left. */
-static int64_t claim_block(_Atomic uint64_t *ranges, int me, int team) {
+/* Called by every thread of a parallel region, with one range slot per thread: gives the calling
+ * thread its even share of `blocks` work blocks, and waits until every thread has its share. */
+static void share_blocks(_Atomic uint64_t *ranges, int64_t blocks) {
+    int me = omp_get_thread_num(), team = omp_get_num_threads();
+    atomic_store_explicit(&ranges[me], pack_range(blocks * me / team, blocks * (me + 1) / team),
+                          memory_order_relaxed);
+#pragma omp barrier
+}
+
+/* The next block for the calling thread: the front of its own range, else (its range done) the
+ * back of another's. A thread the OS preempts mid-step would otherwise hold the whole step up at
+ * the join while the other core idles: on a machine shared with the gateway, the root and other
+ * workers, the others take over its remaining blocks instead. -1 when no block is left. */
+static int64_t claim_block(_Atomic uint64_t *ranges) {
+    int me = omp_get_thread_num(), team = omp_get_num_threads();
     for (int i = 0; i < team; i++) {
         int owner = (me + i) % team;
         uint64_t range = atomic_load_explicit(&ranges[owner], memory_order_relaxed);
@@ -139,10 +149,8 @@ static void q8_rows(const bf16 *x, int64_t ldx, int64_t m, const int8_t *q, cons
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && blocks > 1)
     {
-        int me = omp_get_thread_num(), team = omp_get_num_threads();
-        ranges[me] = pack_range(blocks * me / team, blocks * (me + 1) / team);
-#pragma omp barrier
-        for (int64_t block; (block = claim_block(ranges, me, team)) >= 0;) {
+        share_blocks(ranges, blocks);
+        for (int64_t block; (block = claim_block(ranges)) >= 0;) {
             int64_t end = (block + 1) * Q8_BLOCK < n ? (block + 1) * Q8_BLOCK : n;
             for (int64_t j = block * Q8_BLOCK; j < end; j++)
                 q8_output(q + j * k, scales + j * (k / Q8_GROUP), xf, m, k, out + j, ldo);
@@ -237,10 +245,8 @@ void lt_amx_linear(const bf16 *a, int64_t lda, int64_t m, const bf16 *packed, in
         }
         _tile_loadconfig(&config);
         float sums[4][256] __attribute__((aligned(64)));
-        int me = omp_get_thread_num(), team = omp_get_num_threads();
-        ranges[me] = pack_range(n_blocks * me / team, n_blocks * (me + 1) / team);
-#pragma omp barrier
-        for (int64_t nb; (nb = claim_block(ranges, me, team)) >= 0;) {
+        share_blocks(ranges, n_blocks);
+        for (int64_t nb; (nb = claim_block(ranges)) >= 0;) {
             const bf16 *w = packed + nb * k_blocks * 1024;
             for (int64_t t = 0; t < tiles; t += 2) {
                 int two = t + 1 < tiles;

@@ -83,7 +83,7 @@ def to_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     out_features, in_features = weight.shape
     if in_features % Q8_GROUP or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None  # a weight already rounded to bf16 no longer holds the block's values
-    w = weight.detach().view(out_features, in_features // Q8_GROUP, Q8_GROUP)
+    w = weight.detach().reshape(out_features, in_features // Q8_GROUP, Q8_GROUP)
     scale = w.abs().amax(-1, keepdim=True) / 127
     half = scale.to(torch.float16)
     if not torch.equal(half.float(), scale):
@@ -118,14 +118,13 @@ class Linear:
         dense = weight.detach().to(dtype).contiguous()
         self.packed: torch.Tensor | None = None
         self.weight: torch.Tensor | None = dense
-        self.kernels: CpuKernels | None = None
+        self.kernels = kernels if dtype == torch.bfloat16 else None
         self.amx: torch.Tensor | None = None
         self.q8: tuple[torch.Tensor, torch.Tensor] | None = None
-        if allow_q8 and kernels is not None and kernels.has_q8 and dtype == torch.bfloat16:
+        if allow_q8 and self.kernels is not None and self.kernels.has_q8:
             self.q8 = to_q8(weight)
-            self.kernels = kernels if self.q8 is not None else None
-        if kernels is not None and dtype == torch.bfloat16 and kernels.amx_fits(dense):
-            self.kernels, self.amx = kernels, kernels.amx_pack(dense)
+        if self.kernels is not None and self.kernels.amx_fits(dense):
+            self.amx = self.kernels.amx_pack(dense)
             self.weight = None
         elif pack:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(dense, PACK_BATCH_HINT)
@@ -142,7 +141,7 @@ class Linear:
         """
         if self.q8 is not None and int4_rows >= x.shape[0]:
             assert self.kernels is not None
-            y = self.kernels.q8_linear(x if x.stride(-1) == 1 else x.contiguous(), *self.q8, out)
+            y = self.kernels.q8_linear(_unit_stride(x), *self.q8, out)
             return y if self.bias is None else y.add_(self.bias)
         if self.int4 is None or int4_rows <= 0:
             return self._dense(x, out)
@@ -161,8 +160,7 @@ class Linear:
     def _dense(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.amx is not None:
             assert self.kernels is not None
-            a = x if x.stride(-1) == 1 else x.contiguous()
-            product = self.kernels.amx_linear(a, self.amx, out)
+            product = self.kernels.amx_linear(_unit_stride(x), self.amx, out)
             return product if self.bias is None else product.add_(self.bias)
         if self.packed is not None:
             y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
@@ -171,3 +169,8 @@ class Linear:
             return y
         assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its rows are contiguous (the kernels take any row stride), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -272,9 +272,7 @@ class CpuKernels:
         rows, in_features = x.shape
         out_features = packed.shape[0]
         assert x.stride(1) == 1 and in_features == packed.shape[1]
-        if out is None:
-            out = torch.empty((rows, out_features), dtype=torch.bfloat16)
-        assert out.shape == (rows, out_features) and out.stride(1) == 1
+        out = _product_out(rows, out_features, out)
         if rows == 0:
             return out
         self._lib.lt_amx_linear(
@@ -307,9 +305,7 @@ class CpuKernels:
         assert q.dtype == torch.int8 and q.shape[1] == in_features and q.is_contiguous()
         assert scales.dtype == torch.float32 and scales.is_contiguous()
         assert scales.shape == (out_features, in_features // Q8_GROUP)
-        if out is None:
-            out = torch.empty((rows, out_features), dtype=torch.bfloat16)
-        assert out.shape == (rows, out_features) and out.stride(1) == 1
+        out = _product_out(rows, out_features, out)
         if rows == 0:
             return out
         self._lib.lt_q8_linear(
@@ -333,6 +329,15 @@ class CpuKernels:
         self._lib.lt_argmax(logits.data_ptr(), rows, vocab, out.data_ptr())
         result: list[int] = out.tolist()
         return result
+
+
+def _product_out(rows: int, columns: int, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` checked as a product's ``[rows, columns]`` bf16 output with unit column stride, or
+    a new one."""
+    if out is None:
+        return torch.empty((rows, columns), dtype=torch.bfloat16)
+    assert out.shape == (rows, columns) and out.stride(1) == 1 and out.dtype == torch.bfloat16
+    return out
 
 
 def load() -> CpuKernels | None:

@@ -11,6 +11,7 @@ form of SmolLM2's output head) in the steps that take the int4 forms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtree.engine import native
-from llmtree.engine.linear import Linear, to_q8
+from llmtree.engine.linear import Linear, to_q4, to_q8
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,28 @@ needs_q8 = pytest.mark.skipif(
 )
 
 
+def check_exact_product(
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    rows: int,
+    atol: float,
+) -> torch.Tensor:
+    """``product(x, out)`` on strided rows, into a view of a larger buffer: the exact product
+    rounded once (float32 sums of exact products: a bf16 step or so), nothing written outside
+    ``out``. Returns the result."""
+    torch.manual_seed(rows)
+    wide = torch.randn(rows, 600).bfloat16()
+    x = wide[:, 8:584]  # strided rows
+    sentinel = torch.full((rows + 2, 336), 7.0, dtype=torch.bfloat16)
+    out = sentinel[:rows, 16:]
+    result = product(x, out)
+    assert result.data_ptr() == out.data_ptr()
+    exact = (x.double() @ weight.double().T).bfloat16()
+    torch.testing.assert_close(result.float(), exact.float(), rtol=8e-3, atol=atol)
+    assert (sentinel[rows:] == 7.0).all() and (sentinel[:, :16] == 7.0).all()
+    return result
+
+
 @needs_q8
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 def test_q8_linear_is_the_exact_weight_times_the_input(
@@ -153,17 +176,7 @@ def test_q8_linear_is_the_exact_weight_times_the_input(
     weight = q8_weight(320, 576, seed=rows)
     q8 = to_q8(weight)
     assert q8 is not None
-    torch.manual_seed(rows)
-    wide = torch.randn(rows, 600).bfloat16()
-    x = wide[:, 8:584]  # strided rows
-    sentinel = torch.full((rows + 2, 336), 7.0, dtype=torch.bfloat16)
-    out = sentinel[:rows, 16:]
-    result = kernels.q8_linear(x, *q8, out=out)
-    assert result.data_ptr() == out.data_ptr()
-    exact = (x.double() @ weight.double().T).bfloat16()
-    # float32 sums of exact products, one bf16 rounding: at most one step of bf16 from the exact
-    torch.testing.assert_close(result.float(), exact.float(), rtol=8e-3, atol=1e-3)
-    assert (sentinel[rows:] == 7.0).all() and (sentinel[:, :16] == 7.0).all()
+    check_exact_product(lambda x, out: kernels.q8_linear(x, *q8, out=out), weight, rows, 1e-3)
 
 
 @needs_q8
@@ -196,3 +209,91 @@ def test_a_linear_takes_the_8bit_form_only_where_asked(kernels: native.CpuKernel
         # the bf16 form rounds the weights (up to 1.27 here): sums of 96 terms a few steps off
         torch.testing.assert_close(dense.double(), exact, rtol=2e-2, atol=8e-2)
         assert torch.equal(head(x, rows - 1), dense)  # all rows or none
+
+
+def q4_weight(out_features: int, in_features: int, seed: int) -> torch.Tensor:
+    """A float32 weight made the way llama.cpp makes and reads a Q4_1 block: per 32 inputs, a
+    float16 minimum and scale ``(max - min) / 15``, values 0..15 (both ends used), read back as
+    ``q * scale + min`` in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (out_features, in_features // 32)
+    q = torch.randint(0, 16, (*shape, 32), generator=generator).float()
+    q[..., 0], q[..., 1] = 0.0, 15.0
+    scale = (torch.rand(*shape, 1, generator=generator) * 0.01).half().float()
+    minimum = (torch.randn(*shape, 1, generator=generator) * 0.05).half().float()
+    return (q * scale + minimum).view(out_features, in_features)
+
+
+def unpack_q4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The weight ``packed`` holds, read in the order ``cpu_matmul.c`` documents."""
+    groups, lanes = in_features // 32, native.Q4_LANES
+    blocks = packed.view(out_features // lanes, groups, native.Q4_STRIDE)
+    pairs = blocks[..., : 16 * lanes].view(-1, groups, 16, lanes).long()
+    values = torch.stack((pairs & 15, pairs >> 4), dim=3).float()  # block, group, pair, 2, lane
+    halves = blocks[..., 16 * lanes :].contiguous().view(torch.float16).float()
+    scale, minimum = halves.view(-1, groups, 2, lanes).unbind(2)
+    weight = values.flatten(2, 3) * scale[:, :, None] + minimum[:, :, None]
+    return weight.permute(0, 3, 1, 2).reshape(out_features, in_features)
+
+
+def test_to_q4_finds_the_blocks_exactly_and_refuses_anything_else() -> None:
+    weight = q4_weight(48, 96, seed=1)
+    packed = to_q4(weight)
+    assert packed is not None
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 3 * native.Q4_STRIDE)
+    assert torch.equal(unpack_q4(packed, 48, 96), weight)
+    constant = weight.clone()
+    constant[5, 32:64] = 0.25  # one value: scale 0
+    assert to_q4(constant) is not None
+    assert to_q4(torch.randn(48, 96)) is None  # not 4-bit
+    assert to_q4(weight.bfloat16()) is None  # rounded to bf16
+    assert to_q4(weight[:, :80]) is None  # not whole blocks of inputs
+    assert to_q4(weight[:40]) is None  # not whole blocks of outputs
+    nudged = weight.clone()
+    nudged[0, 2] += 1e-4  # off the grid
+    assert to_q4(nudged) is None
+
+
+@needs_q8
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_q4_linear_is_the_exact_weight_times_the_input(
+    kernels: native.CpuKernels, rows: int
+) -> None:
+    weight = q4_weight(320, 576, seed=rows)
+    packed = to_q4(weight)
+    assert packed is not None
+    check_exact_product(lambda x, out: kernels.q4_linear(x, packed, out=out), weight, rows, 2e-3)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 576).bfloat16()
+    result = kernels.q4_linear(x, packed)
+    alone = torch.cat([kernels.q4_linear(x[r : r + 1], packed) for r in range(rows)])
+    assert torch.equal(alone, result)  # a row's numbers do not depend on the rows beside it
+
+
+@needs_q8
+def test_q4_refuses_what_it_cannot_take(kernels: native.CpuKernels) -> None:
+    packed = to_q4(q4_weight(64, 96, seed=2))
+    assert packed is not None
+    with pytest.raises(AssertionError):
+        kernels.q4_linear(torch.randn(1, 64).bfloat16(), packed)  # wrong number of inputs
+    with pytest.raises(AssertionError):
+        kernels.q4_linear(torch.randn(1, 96), packed)  # float32 input
+    assert kernels.q4_linear(torch.empty(0, 96, dtype=torch.bfloat16), packed).shape == (0, 64)
+
+
+@needs_q8
+def test_a_linear_takes_the_4bit_form_for_the_rows_asked(kernels: native.CpuKernels) -> None:
+    weight = q4_weight(64, 96, seed=3)
+    bias = torch.randn(64).bfloat16()
+    linear = Linear(weight, bias, torch.bfloat16, True, allow_int4=True, kernels=kernels)
+    assert linear.q4 is not None and linear.int4 is None and linear.four_bit
+    dense_only = Linear(weight, bias, torch.bfloat16, True, allow_int4=False, kernels=kernels)
+    assert dense_only.q4 is None and not dense_only.four_bit
+    torch.manual_seed(4)
+    x = torch.randn(5, 96).bfloat16()
+    small = kernels.q4_linear(x[:2], linear.q4).add_(bias)
+    mixed = linear(x, 2)
+    assert torch.equal(mixed[:2], small)  # the first rows by the 4-bit form...
+    assert torch.equal(mixed[2:], dense_only(x[2:]))  # ...the others by the dense one
+    assert torch.equal(linear(x, 5), kernels.q4_linear(x, linear.q4).add_(bias))
+    assert torch.equal(linear(x), dense_only(x))

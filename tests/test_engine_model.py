@@ -25,6 +25,8 @@ pytestmark = pytest.mark.model
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
+NEAR_TIE = 0.25
+"""Logits closer than this (two bf16 steps at the size of these logits) are a tie for greedy."""
 STORY = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 SLOTS = 6
 MAX_QUEUE = 4
@@ -137,20 +139,32 @@ def test_a_trailing_assistant_message_is_continued(engine: Engine, collector: Co
 def test_greedy_tokens_match_hugging_face_generate(
     engine: Engine, collector: Collector, cache_dir: Path
 ) -> None:
-    """The proof that the custom forward (and its KV cache) computes what HF computes."""
+    """The proof that the custom forward (and its KV cache) computes what HF computes.
+
+    Token for token, except where HF's float32 model itself nearly ties its two best tokens:
+    there a difference under bf16's resolution may pick the other one (this prompt's 20th
+    token: logits 23.19 and 23.15, where bf16 steps by 0.125), and the texts part from there."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = cache_dir / "SmolLM2-135M-Instruct"
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     text = tokenizer.apply_chat_template(POEM, add_generation_prompt=True, tokenize=False)
     prompt = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         expected = model.generate(prompt, max_new_tokens=20, do_sample=False)[0]
+        logits = model(expected[None, :-1]).logits[0, prompt.shape[1] - 1 :]
     expected_ids = expected[prompt.shape[1] :].tolist()
-    events = run(engine, collector, "parity", POEM, temperature=0.0, max_tokens=20)
-    assert ids_of(events) == expected_ids
+    ours = ids_of(run(engine, collector, "parity", POEM, temperature=0.0, max_tokens=20))
+    assert len(ours) == len(expected_ids)
+    parted = next(
+        (i for i, (a, b) in enumerate(zip(ours, expected_ids, strict=True)) if a != b), None
+    )
+    if parted is not None:
+        best = logits[parted].topk(2)
+        gap = float(best.values[0] - best.values[1])
+        assert gap < NEAR_TIE and ours[parted] == int(best.indices[1]), (parted, gap, ours)
 
 
 def test_same_seed_same_text_alone_and_beside_others(engine: Engine, collector: Collector) -> None:

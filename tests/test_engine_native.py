@@ -273,8 +273,16 @@ def test_the_fused_forward_computes_what_the_pytorch_forward_computes() -> None:
     assert error[True] < 0.2 and error[True] <= 1.1 * error[False], error
     assert logits[True].argmax(-1).tolist() == exact.argmax(-1).tolist()
     assert logits[False].argmax(-1).tolist() == exact.argmax(-1).tolist()
-    for ours, theirs in zip(sequences[True], sequences[False], strict=True):
-        assert ours.output_ids == theirs.output_ids
+    # The decode steps (three rows) take the 4-bit forms. The fused forward's are the file's
+    # exact values, so its greedy text is the float32 model's. PyTorch's int4 kernel takes its
+    # scales in bf16, which rounds them: the PyTorch path's text may part from float32's where
+    # two tokens are nearly tied (measured: the first prompt's sixth token), so it is held to
+    # the logits above, not to the text.
+    with torch.inference_mode():
+        for seq in sequences[True]:
+            prompt = torch.tensor([seq.prompt_ids])
+            greedy = reference.generate(prompt, max_new_tokens=25, do_sample=False)
+            assert seq.output_ids == greedy[0, prompt.shape[1] :].tolist()
 
 
 @pytest.mark.model

@@ -23,6 +23,12 @@
  * sequence reads the 28 MB head of SmolLM2 instead of 57. Rows are taken Q8_ROWS at a time, each
  * group of 32 weights converted to float once for all of them.
  *
+ * lt_q4_linear does the same for the 4-bit layers (llama.cpp's Q4_1 blocks: values 0..15 times a
+ * float16 scale plus a float16 minimum per 32 inputs), with the outputs in the vector lanes: a
+ * block of 16 outputs is one vector of sums, so no horizontal additions, and the scales apply once
+ * per group. Measured against PyTorch's int4 kernel, interleaved in one process: the 120 products
+ * of SmolLM2 1.10x faster at one row, whole decode steps 1.17x at one to four rows.
+ *
  * Built with cpu_kernels.c into one library by llmtree/engine/native.py; lt_amx_init() says
  * whether this CPU and kernel let the process use AMX, and the caller keeps oneDNN otherwise.
  */
@@ -167,6 +173,154 @@ void lt_q8_linear(const bf16 *x, int64_t ldx, int64_t m, const int8_t *q, const 
     for (int64_t r = 0; r < m; r += Q8_ROWS) {
         int64_t rows = m - r < Q8_ROWS ? m - r : Q8_ROWS;
         q8_rows(x + r * ldx, ldx, rows, q, scales, n, k, out + r * ldo, ldo, num_threads, xf);
+    }
+    free(xf);
+}
+
+#define Q4_GROUP 32
+#define Q4_LANES 16 /* outputs per block: one vector of float sums each */
+#define Q4_ROWS 4
+#define Q4_STRIDE (Q4_GROUP / 2 * Q4_LANES + 4 * Q4_LANES) /* bytes per group of a block: 320 */
+#define Q4_AHEAD 4                                       /* groups prefetched ahead */
+
+#if defined(__AVX512F__)
+/* Rounds 16 float sums to bf16 (nearest even) into out. */
+static inline void store_bf16x16(bf16 *out, __m512 sums) {
+    __m512i bits = _mm512_castps_si512(sums);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+/* One block of Q4_LANES outputs for m rows, m a constant where inlined (the sums then stay in
+ * registers). Each group's products go into four partial sums per row (inputs 4t .. 4t + 3 of the
+ * group each into its own: four chains of dependent additions instead of one), which are then
+ * scaled by the group's scales, plus its minimums times the group's input sum. */
+static inline __attribute__((always_inline)) void q4_block(const uint8_t *w, const float *xf,
+                                                           const float *xs, const int64_t m,
+                                                           int64_t k, bf16 *out, int64_t ldo) {
+    int64_t groups = k / Q4_GROUP;
+    /* a permute reads the low 4 bits of each index: the low half of a byte, as a float */
+    const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 acc[Q4_ROWS];
+    for (int64_t r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *group = w + g * Q4_STRIDE;
+        for (int line = 0; line < Q4_STRIDE; line += 64)
+            _mm_prefetch((const char *)group + Q4_AHEAD * Q4_STRIDE + line, _MM_HINT_T0);
+        __m512 part[4][Q4_ROWS];
+        for (int64_t r = 0; r < m; r++)
+            part[0][r] = part[1][r] = part[2][r] = part[3][r] = _mm512_setzero_ps();
+        for (int64_t pair = 0; pair < Q4_GROUP / 2; pair += 2) {
+            __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(group + pair * 16)));
+            __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(group + pair * 16 + 16)));
+            __m512 w0 = _mm512_permutexvar_ps(b0, values);
+            __m512 w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4));
+            __m512 w2 = _mm512_permutexvar_ps(b1, values);
+            __m512 w3 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4));
+            for (int64_t r = 0; r < m; r++) {
+                const float *x = xf + r * k + g * Q4_GROUP + 2 * pair;
+                part[0][r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[0]), part[0][r]);
+                part[1][r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[1]), part[1][r]);
+                part[2][r] = _mm512_fmadd_ps(w2, _mm512_set1_ps(x[2]), part[2][r]);
+                part[3][r] = _mm512_fmadd_ps(w3, _mm512_set1_ps(x[3]), part[3][r]);
+            }
+        }
+        const __m256i *halves = (const __m256i *)(group + Q4_GROUP / 2 * Q4_LANES);
+        __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(halves));
+        __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(halves + 1));
+        for (int64_t r = 0; r < m; r++) {
+            __m512 sum = _mm512_add_ps(_mm512_add_ps(part[0][r], part[1][r]),
+                                       _mm512_add_ps(part[2][r], part[3][r]));
+            acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(xs[r * groups + g]), acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < m; r++) store_bf16x16(out + r * ldo, acc[r]);
+}
+#else
+static inline float half_to_float(uint16_t h) {
+    uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    float f;
+    if (exponent == 0x1f)
+        f = mantissa ? NAN : INFINITY;
+    else
+        f = exponent ? ldexpf((float)(mantissa | 0x400), (int)exponent - 25)
+                     : ldexpf((float)mantissa, -24);
+    return h & 0x8000 ? -f : f;
+}
+
+static void q4_block(const uint8_t *w, const float *xf, const float *xs, const int64_t m,
+                     int64_t k, bf16 *out, int64_t ldo) {
+    int64_t groups = k / Q4_GROUP;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t lane = 0; lane < Q4_LANES; lane++) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                const uint8_t *group = w + g * Q4_STRIDE;
+                const float *x = xf + r * k + g * Q4_GROUP;
+                float sum = 0.0f;
+                for (int64_t pair = 0; pair < Q4_GROUP / 2; pair++) {
+                    uint8_t byte = group[pair * Q4_LANES + lane];
+                    sum += (float)(byte & 0xf) * x[2 * pair] + (float)(byte >> 4) * x[2 * pair + 1];
+                }
+                uint16_t scale, minimum;
+                memcpy(&scale, group + Q4_GROUP / 2 * Q4_LANES + 2 * lane, 2);
+                memcpy(&minimum, group + Q4_GROUP / 2 * Q4_LANES + 2 * Q4_LANES + 2 * lane, 2);
+                acc += sum * half_to_float(scale) + half_to_float(minimum) * xs[r * groups + g];
+            }
+            out[r * ldo + lane] = float_to_bf16(acc);
+        }
+}
+#endif
+
+/* out[m, n] (row stride ldo) = x[m, k] (row stride ldx) @ w^T for m <= Q4_ROWS, where w[j, i] =
+ * q[j, i] * scale[j, g] + minimum[j, g] for the group g = i / 32 of input i, q 4-bit. The weight
+ * is packed (linear.to_q4) in blocks of Q4_LANES outputs, each block's groups in input order and
+ * each group in Q4_STRIDE bytes: 16 times 16 bytes, byte j of the p-th holding inputs 2p (low
+ * half) and 2p + 1 (high half) of output j, then the 16 outputs' float16 scales, then their
+ * float16 minimums. A thread streams its range of blocks front to back, and takes blocks from
+ * another's range when done (claim_block). Sums are float, rounded once to bf16. */
+static void q4_rows(const bf16 *x, int64_t ldx, int64_t m, const uint8_t *packed, int64_t n,
+                    int64_t k, bf16 *out, int64_t ldo, int num_threads, float *xf, float *xs) {
+    int64_t groups = k / Q4_GROUP;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float sum = 0.0f;
+            for (int64_t i = g * Q4_GROUP; i < (g + 1) * Q4_GROUP; i++)
+                sum += xf[r * k + i] = bf16_to_float(x[r * ldx + i]);
+            xs[r * groups + g] = sum;
+        }
+    int64_t blocks = n / Q4_LANES, block_bytes = groups * Q4_STRIDE;
+    _Atomic uint64_t ranges[MAX_THREADS];
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && blocks > 1)
+    {
+        share_blocks(ranges, blocks);
+        for (int64_t b; (b = claim_block(ranges)) >= 0;) {
+            const uint8_t *w = packed + b * block_bytes;
+            bf16 *o = out + b * Q4_LANES;
+            switch (m) { /* a constant m per call keeps the sums in registers */
+            case 1: q4_block(w, xf, xs, 1, k, o, ldo); break;
+            case 2: q4_block(w, xf, xs, 2, k, o, ldo); break;
+            case 3: q4_block(w, xf, xs, 3, k, o, ldo); break;
+            default: q4_block(w, xf, xs, Q4_ROWS, k, o, ldo); break;
+            }
+        }
+    }
+}
+
+/* out[m, n] (row stride ldo) = x[m, k] (row stride ldx) @ w^T as above, for any m; n a multiple
+ * of Q4_LANES and k of Q4_GROUP. */
+void lt_q4_linear(const bf16 *x, int64_t ldx, int64_t m, const uint8_t *packed, int64_t n,
+                  int64_t k, bf16 *out, int64_t ldo, int num_threads) {
+    if (k % Q4_GROUP || n % Q4_LANES) return;
+    float *xf = aligned_alloc(64, (size_t)(Q4_ROWS * (k + k / Q4_GROUP)) * sizeof(float));
+    if (!xf) return;
+    for (int64_t r = 0; r < m; r += Q4_ROWS) {
+        int64_t rows = m - r < Q4_ROWS ? m - r : Q4_ROWS;
+        q4_rows(x + r * ldx, ldx, rows, packed, n, k, out + r * ldo, ldo, num_threads, xf,
+                xf + Q4_ROWS * k);
     }
     free(xf);
 }

@@ -174,7 +174,7 @@ class LlamaForward:
         sin = (emb.sin() * scale).to(dtype)
         half = self.head_dim // 2
         self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        self.uses_int4 = any(layer.qkv.int4 is not None for layer in self.layers)
+        self.uses_int4 = any(layer.qkv.four_bit for layer in self.layers)
         self.int4_max_rows = (
             INT4_MAX_ROWS_AMX
             if self.layers and self.layers[0].qkv.amx is not None

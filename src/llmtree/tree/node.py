@@ -180,10 +180,12 @@ class TreeNode:
             children = tuple(self._children)
             if draining := self._loads.draining(children):
                 children = tuple(c for c in children if c not in draining)
+            held = self._held()
+            running = min(engine.num_running, held) if engine else 0
             snapshot = Snapshot(
                 is_root=engine is None,
-                num_running=engine.num_running if engine else 0,
-                num_waiting=(engine.num_waiting if engine else 0) + self._reserved,
+                num_running=running,
+                num_waiting=held - running,  # queued in the engine or being handed to it
                 slots=engine.slots if engine else 0,
                 max_queue=self._settings.max_queue,
                 children=children,
@@ -223,8 +225,18 @@ class TreeNode:
         raise Overloaded(f"no capacity left in {where}; retry later")
 
     def _serve(self, req: GenerateRequest, reserved: bool) -> str:
+        """Hands ``req`` to the engine. Its place moves from ``_reserved`` to ``_serving`` in one
+        step, so ``_held`` counts it once all along (it used to stay reserved until the engine
+        returned: a burst of 20 on a 24-slot worker then counted some twice and sent one on to
+        a child while slots were free)."""
         assert self._engine is not None
         with self._lock:
+            if reserved:
+                self._reserved -= 1
+            if req.request_id in self._serving:
+                raise InvalidRequest(
+                    f"request {req.request_id!r} is already running here", param="request_id"
+                )
             self._serving[req.request_id] = req.root
         try:
             self._engine.submit(req)
@@ -232,11 +244,11 @@ class TreeNode:
             with self._lock:
                 self._serving.pop(req.request_id, None)
             raise
-        finally:
-            if reserved:
-                with self._lock:
-                    self._reserved -= 1
         return self._name
+
+    def _held(self) -> int:
+        """Requests this node serves or is about to (caller holds the lock)."""
+        return len(self._serving) + self._reserved
 
     def on_engine_events(self, events: list[dict[str, Any]]) -> None:
         """Engine callback, once per step on the engine thread: route events to their roots."""
@@ -472,7 +484,7 @@ class TreeNode:
     def held(self) -> int:
         """Requests this node serves now (running or queued, or being admitted)."""
         with self._lock:
-            return len(self._serving) + self._reserved
+            return self._held()
 
     def children_now(self) -> list[str]:
         with self._lock:
@@ -482,10 +494,9 @@ class TreeNode:
         """This subtree's load, for the parent (sent with ``attach_child``)."""
         with self._lock:
             engine = self._engine
-            held = (engine.num_running + engine.num_waiting) if engine else 0
             capacity = (engine.slots + self._settings.max_queue) if engine else 0
             return self._loads.subtree(
-                tuple(self._children), held + self._reserved, capacity, self._draining
+                tuple(self._children), self._held(), capacity, self._draining
             )
 
     # -- introspection ----------------------------------------------------------------------

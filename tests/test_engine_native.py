@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtree.config import Settings
-from llmtree.engine import loader, native
+from llmtree.engine import kernel_build, loader, native
 from llmtree.engine.llama import LlamaForward
 from llmtree.engine.runner import ModelRunner
 from llmtree.engine.scheduler import PrefillChunk, StepPlan
@@ -196,18 +196,18 @@ def test_no_compiler_means_no_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "tmp"))
-    assert native.build() is None
+    assert kernel_build.build() is None
     monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails: a warning, no library
-    assert native.build() is None
+    assert kernel_build.build() is None
     assert not list((tmp_path / "kernels").glob("*.so"))
 
 
 def test_a_build_is_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LLMTREE_KERNEL_CACHE", str(tmp_path))
-    first = native.build()
+    first = kernel_build.build()
     assert first is not None and first.parent == tmp_path
     stamp = first.stat().st_mtime_ns
-    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    assert kernel_build.build() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left
 
 
@@ -320,6 +320,6 @@ def test_a_folder_others_can_write_is_not_used(
     shared.chmod(0o777)  # anyone could plant a library here
     monkeypatch.setenv("LLMTREE_KERNEL_CACHE", str(shared))
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "tmp"))
-    built = native.build()
+    built = kernel_build.build()
     assert built is not None and built.parent == tmp_path / "tmp" / f"llmtree-kernels-{os.getuid()}"
     assert not list(shared.iterdir())

@@ -11,7 +11,7 @@ import sys
 import time
 
 from llmtree.config import Settings
-from llmtree.engine import native
+from llmtree.engine import kernel_build
 from llmtree.engine.loader import prepare, resolve
 from llmtree.errors import LlmTreeError
 
@@ -27,7 +27,7 @@ def main() -> int:
         return 1
     print(f"model {source.name} ready in {folder} ({time.monotonic() - started:.1f} s)")
     if settings.native_kernels:
-        library = native.build()
+        library = kernel_build.build()
         print(f"CPU kernels: {library}" if library else "CPU kernels: none (PyTorch path)")
     return 0
 

@@ -7,10 +7,11 @@
  * bf16 is rounded here too), plus an attention kernel for one-token queries that reads the slot
  * cache in place (no mask, no gather) and never depends on the other rows of the batch.
  *
- * Built once per machine by llmtree/engine/native.py (cc -O3 -march=native -fopenmp) and called
- * through ctypes. Threads come from the OpenMP runtime PyTorch already loaded (same soname), so
- * the kernels share PyTorch's thread pool instead of adding one. Every index that addresses the
- * cache is checked here as well as by the caller: an out-of-range row is skipped, never written.
+ * Built once per machine by llmtree/engine/kernel_build.py (cc -O3 -march=native -fopenmp),
+ * called through ctypes (native.py). Threads come from the OpenMP runtime PyTorch already
+ * loaded (same soname), so the kernels share PyTorch's thread pool instead of adding one. Every
+ * index that addresses the cache is checked here as well as by the caller: an out-of-range row
+ * is skipped, never written.
  */
 
 #include <math.h>

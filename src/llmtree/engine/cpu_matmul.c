@@ -29,7 +29,7 @@
  * per group. Measured against PyTorch's int4 kernel, interleaved in one process: the 120 products
  * of SmolLM2 1.10x faster at one row, whole decode steps 1.17x at one to four rows.
  *
- * Built with cpu_kernels.c into one library by llmtree/engine/native.py; lt_amx_init() says
+ * Built with cpu_kernels.c into one library by llmtree/engine/kernel_build.py; lt_amx_init() says
  * whether this CPU and kernel let the process use AMX, and the caller keeps oneDNN otherwise.
  */
 

@@ -186,11 +186,12 @@ class Linear:
     def __call__(
         self, x: torch.Tensor, int4_rows: int = 0, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``x @ weight.T + bias``; the first ``int4_rows`` rows use the int4 form if any. The
+        """``x @ weight.T + bias``; the first ``int4_rows`` rows use the 4-bit form if any. The
         8-bit form, if any, takes all rows or none: all when ``int4_rows`` covers them.
 
-        ``out`` (``[rows, out_features]``, contiguous) is a buffer the AMX and 8-bit products
-        write into instead of a new tensor; the other forms ignore it, so use what is returned.
+        ``out`` (``[rows, out_features]``, contiguous) is a buffer the AMX, 8-bit and 4-bit
+        products write into instead of a new tensor; the PyTorch forms ignore it, so use what
+        is returned.
         """
         if self.q8 is not None and int4_rows >= x.shape[0]:
             assert self.kernels is not None
@@ -220,13 +221,13 @@ class Linear:
         if int4_rows >= rows:  # every row (a decode step): no views to make
             self._q4_product(x, out)
             return out if self.bias is None else out.add_(self.bias)
-        small = out[:int4_rows]
+        small, rest = out[:int4_rows], out[int4_rows:]
         self._q4_product(x[:int4_rows], small)
         if self.bias is not None:
             small.add_(self.bias)
-        rest = self._dense(x[int4_rows:], out[int4_rows:])
-        if rest.data_ptr() != out[int4_rows:].data_ptr():
-            out[int4_rows:].copy_(rest)
+        dense = self._dense(x[int4_rows:], rest)
+        if dense is not rest:  # oneDNN or PyTorch made a tensor of their own
+            rest.copy_(dense)
         return out
 
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,5 +255,6 @@ class Linear:
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when its rows are contiguous (the kernels take any row stride), else a copy."""
+    """``x`` itself when its rows are contiguous (the kernels take any row stride), else a copy.
+    ``is_contiguous`` first: the common case, and a third of the cost of reading a stride."""
     return x if x.is_contiguous() or x.stride(-1) == 1 else x.contiguous()

@@ -42,12 +42,12 @@ def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return hidden.to(x.dtype) * weight
 
 
-def rope_tables() -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+def rope_tables(head_dim: int = HEAD_DIM) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     freqs = torch.arange(MAX_LEN).float()[:, None] * inv[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     sin = emb.sin().bfloat16()
-    half = HEAD_DIM // 2
+    half = head_dim // 2
     return emb.cos().bfloat16(), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
@@ -164,6 +164,39 @@ def test_attention_matches_sdpa_for_decode_and_prompt_rows(kernels: native.CpuKe
             query,
             keys[slot, :, :length].float().repeat_interleave(HEADS // KV_HEADS, dim=0),
             values[slot, :, :length].float().repeat_interleave(HEADS // KV_HEADS, dim=0),
+        )
+        assert torch.allclose(out[row].float(), expected.reshape(-1), atol=8e-3, rtol=1e-2), row
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(4, 4, 64), (8, 4, 64), (8, 2, 64), (10, 2, 32), (6, 2, 128)],
+    ids=["1-per-kv-head", "2-per-kv-head", "4-per-kv-head", "5-per-kv-head-dim-32", "dim-128"],
+)
+def test_attention_matches_sdpa_for_other_head_shapes(
+    kernels: native.CpuKernels, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    """The model's shape (9 heads over 3) has its own compiled copy; other shapes, compiled
+    copies and the general loop alike, must compute the same attention."""
+    torch.manual_seed(7)
+    keys = torch.randn(SLOTS, kv_heads, MAX_LEN, head_dim).bfloat16()
+    k_cache, v_cache = block_keys(keys), torch.randn_like(keys)
+    slots = torch.tensor([1, 4, 6, 6])
+    positions = torch.tensor([0, 37, MAX_LEN - 1, 17])  # 1, 3 and 16 blocks and a partial one
+    qkv = torch.randn(len(slots), (heads + 2 * kv_heads) * head_dim).bfloat16()
+    cos, sin = rope_tables(head_dim)
+    out = torch.empty(len(slots), heads * head_dim).bfloat16()
+    kernels.rope_attention(
+        qkv, cos, sin, slots, positions, positions + 1, heads, k_cache, v_cache, out, 2
+    )
+    keys = unblock_keys(k_cache)
+    for row in range(len(slots)):
+        slot, length = int(slots[row]), int(positions[row]) + 1
+        query = qkv[row].view(-1, head_dim)[:heads].float().unsqueeze(1)
+        expected = F.scaled_dot_product_attention(
+            query,
+            keys[slot, :, :length].float().repeat_interleave(heads // kv_heads, dim=0),
+            v_cache[slot, :, :length].float().repeat_interleave(heads // kv_heads, dim=0),
         )
         assert torch.allclose(out[row].float(), expected.reshape(-1), atol=8e-3, rtol=1e-2), row
 

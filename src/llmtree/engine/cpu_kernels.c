@@ -173,42 +173,88 @@ static inline __m512 load16(const bf16 *p) {
 }
 #endif
 
-/* scores[g * stride + lane] = q[g] . key(lane) for the KEY_BLOCK keys of one block. */
-static inline void score_block(const float *restrict q, const bf16 *restrict block, int64_t groups,
-                               int64_t head_dim, float *restrict scores, int64_t stride) {
+#define INLINE static inline __attribute__((always_inline))
+
+/* scores[g * stride + t] = q[g] . key(t) for the keys t < blocks * KEY_BLOCK, a block at a time
+ * (two at once where there are two: twice the independent sums in flight). Each score is summed
+ * over d in order, whatever the blocking. Inlined with constant groups and head_dim (see
+ * attend), so the sums stay in registers. */
+INLINE void score_blocks(const float *restrict q, const bf16 *restrict keys, int64_t blocks,
+                         int64_t groups, int64_t head_dim, float *restrict scores,
+                         int64_t stride) {
 #if defined(__AVX512F__)
     if (KEY_BLOCK == 16 && groups <= MAX_GROUPS) {
-        __m512 acc[MAX_GROUPS];
-        for (int64_t g = 0; g < groups; g++) acc[g] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < head_dim; d++) {
-            __m512 k = load16(block + d * KEY_BLOCK);
-            for (int64_t g = 0; g < groups; g++)
-                acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * head_dim + d]), k, acc[g]);
+        int64_t b = 0;
+        for (; b + 2 <= blocks; b += 2) {
+            const bf16 *k0 = keys + b * head_dim * KEY_BLOCK, *k1 = k0 + head_dim * KEY_BLOCK;
+            __m512 acc0[MAX_GROUPS], acc1[MAX_GROUPS];
+            for (int64_t g = 0; g < groups; g++) acc0[g] = acc1[g] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < head_dim; d++) {
+                __m512 x0 = load16(k0 + d * KEY_BLOCK), x1 = load16(k1 + d * KEY_BLOCK);
+                for (int64_t g = 0; g < groups; g++) {
+                    __m512 qd = _mm512_set1_ps(q[g * head_dim + d]);
+                    acc0[g] = _mm512_fmadd_ps(qd, x0, acc0[g]);
+                    acc1[g] = _mm512_fmadd_ps(qd, x1, acc1[g]);
+                }
+            }
+            for (int64_t g = 0; g < groups; g++) {
+                _mm512_storeu_ps(scores + g * stride + b * KEY_BLOCK, acc0[g]);
+                _mm512_storeu_ps(scores + g * stride + (b + 1) * KEY_BLOCK, acc1[g]);
+            }
         }
-        for (int64_t g = 0; g < groups; g++) _mm512_storeu_ps(scores + g * stride, acc[g]);
+        for (; b < blocks; b++) {
+            const bf16 *k0 = keys + b * head_dim * KEY_BLOCK;
+            __m512 acc0[MAX_GROUPS];
+            for (int64_t g = 0; g < groups; g++) acc0[g] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < head_dim; d++) {
+                __m512 x0 = load16(k0 + d * KEY_BLOCK);
+                for (int64_t g = 0; g < groups; g++)
+                    acc0[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * head_dim + d]), x0, acc0[g]);
+            }
+            for (int64_t g = 0; g < groups; g++)
+                _mm512_storeu_ps(scores + g * stride + b * KEY_BLOCK, acc0[g]);
+        }
         return;
     }
 #endif
-    for (int64_t g = 0; g < groups; g++) {
-        float acc[KEY_BLOCK] = {0};
-        const float *qg = q + g * head_dim;
-        for (int64_t d = 0; d < head_dim; d++) {
-            const bf16 *k = block + d * KEY_BLOCK;
-            float qd = qg[d];
-            for (int64_t lane = 0; lane < KEY_BLOCK; lane++) acc[lane] += qd * bf2f(k[lane]);
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t g = 0; g < groups; g++) {
+            float acc[KEY_BLOCK] = {0};
+            const float *qg = q + g * head_dim;
+            const bf16 *block = keys + b * head_dim * KEY_BLOCK;
+            for (int64_t d = 0; d < head_dim; d++) {
+                const bf16 *k = block + d * KEY_BLOCK;
+                float qd = qg[d];
+                for (int64_t lane = 0; lane < KEY_BLOCK; lane++) acc[lane] += qd * bf2f(k[lane]);
+            }
+            for (int64_t lane = 0; lane < KEY_BLOCK; lane++)
+                scores[g * stride + b * KEY_BLOCK + lane] = acc[lane];
         }
-        for (int64_t lane = 0; lane < KEY_BLOCK; lane++) scores[g * stride + lane] = acc[lane];
+}
+
+/* scores[t] = softmax(scores[:length])[t], in float32. The maximum and the sum are reduced
+ * across vector lanes (the sum's order is not position order). */
+INLINE void softmax(float *restrict scores, int64_t length) {
+    float top = scores[0], total = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (int64_t t = 1; t < length; t++) top = scores[t] > top ? scores[t] : top;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < length; t++) {
+        scores[t] = fexp(scores[t] - top);
+        total += scores[t];
     }
+    float inv = 1.0f / total;
+#pragma omp simd
+    for (int64_t t = 0; t < length; t++) scores[t] *= inv;
 }
 
 /* acc[g * head_dim + d] = sum over t < length of p[g * stride + t] * values[t][d]. */
-static inline void weigh_values(const float *restrict p, int64_t stride, const bf16 *restrict values,
-                                int64_t length, int64_t groups, int64_t head_dim,
-                                float *restrict acc) {
+INLINE void weigh_values(const float *restrict p, int64_t stride, const bf16 *restrict values,
+                         int64_t length, int64_t groups, int64_t head_dim, float *restrict acc) {
 #if defined(__AVX512F__)
     if (head_dim == 64 && groups <= 4) {  /* every accumulator in a register: one pass */
         __m512 sum[4][4];
-        for (int64_t g = 0; g < 4; g++)
+        for (int64_t g = 0; g < groups; g++)
             for (int64_t c = 0; c < 4; c++) sum[g][c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < length; t++) {
             const bf16 *row = values + t * 64;
@@ -251,6 +297,19 @@ static inline void weigh_values(const float *restrict p, int64_t stride, const b
     }
 }
 
+/* One row's attention for one kv head and the `groups` query heads that share it: q (bf16,
+ * already rotated) over the first `length` cached keys and values, into o. qf, scores (groups *
+ * stride floats) and acc are the thread's scratch. */
+INLINE void attend(const bf16 *q, const bf16 *keys, const bf16 *values, int64_t length,
+                   int64_t groups, int64_t head_dim, float scale, float *restrict qf,
+                   float *restrict scores, int64_t stride, float *restrict acc, bf16 *o) {
+    for (int64_t i = 0; i < groups * head_dim; i++) qf[i] = bf2f(q[i]) * scale;
+    score_blocks(qf, keys, (length + KEY_BLOCK - 1) / KEY_BLOCK, groups, head_dim, scores, stride);
+    for (int64_t g = 0; g < groups; g++) softmax(scores + g * stride, length);
+    weigh_values(scores, stride, values, length, groups, head_dim, acc);
+    for (int64_t i = 0; i < groups * head_dim; i++) o[i] = f2bf(acc[i]);
+}
+
 /* Attention of one query token per row over its own slot's first lengths[r] cached positions:
  * decode rows (length = position + 1) and prompt rows alike, so causality is just the length.
  * q is read from qkv rows (the first `heads` heads, already rotated); the heads sharing a kv head
@@ -281,26 +340,20 @@ static void attention(const bf16 *qkv, int64_t row_stride, const bf16 *k_cache, 
             }
             if (length > max_len) length = max_len;
             const bf16 *q = qkv + r * row_stride + h * groups * head_dim;
-            for (int64_t i = 0; i < groups * head_dim; i++) qf[i] = bf2f(q[i]) * scale;
             const bf16 *keys = k_cache + key_offset(slot, h, 0, kv_heads, head_dim, max_len);
             const bf16 *values = v_cache + (slot * kv_heads + h) * max_len * head_dim;
-            int64_t blocks = (length + KEY_BLOCK - 1) / KEY_BLOCK;
-            for (int64_t b = 0; b < blocks; b++)
-                score_block(qf, keys + b * head_dim * KEY_BLOCK, groups, head_dim,
-                            scores + b * KEY_BLOCK, max_len);
-            for (int64_t g = 0; g < groups; g++) {
-                float *sg = scores + g * max_len;
-                float top = sg[0], total = 0.0f;
-                for (int64_t t = 1; t < length; t++) top = sg[t] > top ? sg[t] : top;
-                for (int64_t t = 0; t < length; t++) {
-                    sg[t] = fexp(sg[t] - top);
-                    total += sg[t];
-                }
-                float inv = 1.0f / total;
-                for (int64_t t = 0; t < length; t++) sg[t] *= inv;
-            }
-            weigh_values(scores, max_len, values, length, groups, head_dim, acc);
-            for (int64_t i = 0; i < groups * head_dim; i++) o[i] = f2bf(acc[i]);
+            /* the model's shapes get their own copy with constant sizes: sums in registers */
+            if (head_dim == 64 && groups == 3)  /* SmolLM2-135M */
+                attend(q, keys, values, length, 3, 64, scale, qf, scores, max_len, acc, o);
+            else if (head_dim == 64 && groups == 1)
+                attend(q, keys, values, length, 1, 64, scale, qf, scores, max_len, acc, o);
+            else if (head_dim == 64 && groups == 2)
+                attend(q, keys, values, length, 2, 64, scale, qf, scores, max_len, acc, o);
+            else if (head_dim == 64 && groups == 4)
+                attend(q, keys, values, length, 4, 64, scale, qf, scores, max_len, acc, o);
+            else
+                attend(q, keys, values, length, groups, head_dim, scale, qf, scores, max_len, acc,
+                       o);
         }
         free(qf);
         free(acc);

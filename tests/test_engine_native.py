@@ -70,11 +70,14 @@ def test_rms_norm_is_bit_identical(kernels: native.CpuKernels) -> None:
     assert torch.equal(kernels.rms_norm(x, weight, EPS), hf_rms_norm(x, weight))
     rows = torch.randn(12, 576).bfloat16()[::3]  # strided rows, as x[sample_rows] may be
     assert torch.equal(kernels.rms_norm(rows, weight, EPS), hf_rms_norm(rows, weight))
+    many = torch.randn(64, 576).bfloat16()[::2]  # 32 strided rows, shared between threads
+    assert torch.equal(kernels.rms_norm(many, weight, EPS), hf_rms_norm(many, weight))
 
 
-def test_add_rms_norm_updates_the_residual_in_place(kernels: native.CpuKernels) -> None:
+@pytest.mark.parametrize("rows", [5, 32])  # 8 or more rows run on every thread
+def test_add_rms_norm_updates_the_residual_in_place(kernels: native.CpuKernels, rows: int) -> None:
     torch.manual_seed(1)
-    x, delta = torch.randn(5, 576).bfloat16(), torch.randn(5, 576).bfloat16()
+    x, delta = torch.randn(rows, 576).bfloat16(), torch.randn(rows, 576).bfloat16()
     weight = torch.randn(576).bfloat16()
     expected_x = x + delta
     out = kernels.add_rms_norm(x, delta, weight, EPS)

@@ -76,14 +76,19 @@ static void rms_row(const bf16 *x, const bf16 *w, bf16 *out, int64_t dim, float 
 }
 
 /* out[r] = rms_norm(x[r]) * w, Hugging Face's order: float32 norm, rounded, times the weight. */
+/* Rows are independent: from PARALLEL_MIN_ROWS rows on they are shared between the threads. */
+#define PARALLEL_MIN_ROWS 8
+
 void lt_rms_norm(const bf16 *x, int64_t x_stride, const bf16 *w, bf16 *out, int64_t rows,
-                 int64_t dim, float eps) {
+                 int64_t dim, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= PARALLEL_MIN_ROWS)
     for (int64_t r = 0; r < rows; r++) rms_row(x + r * x_stride, w, out + r * dim, dim, eps);
 }
 
 /* x += delta (the residual, in place), then out = rms_norm(x) * w. */
 void lt_add_rms_norm(bf16 *x, const bf16 *delta, const bf16 *w, bf16 *out, int64_t rows,
-                     int64_t dim, float eps) {
+                     int64_t dim, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= PARALLEL_MIN_ROWS)
     for (int64_t r = 0; r < rows; r++) {
         bf16 *xr = x + r * dim;
         const bf16 *dr = delta + r * dim;
@@ -95,7 +100,7 @@ void lt_add_rms_norm(bf16 *x, const bf16 *delta, const bf16 *w, bf16 *out, int64
 
 /* out = silu(gate) * up, where each row of gate_up is [gate | up]. */
 void lt_silu_mul(const bf16 *gate_up, bf16 *out, int64_t rows, int64_t inter, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= 8)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= PARALLEL_MIN_ROWS)
     for (int64_t r = 0; r < rows; r++) {
         const bf16 *restrict g = gate_up + r * 2 * inter;
         const bf16 *restrict u = g + inter;
@@ -131,7 +136,7 @@ static void rope_store(bf16 *qkv, const bf16 *cos_table, const bf16 *sin_table,
                    int64_t num_slots, int64_t max_len, int num_threads) {
     int64_t half = head_dim / 2, width = (heads + 2 * kv_heads) * head_dim;
     if (head_dim > 512 || max_len % KEY_BLOCK) return;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= 8)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows >= PARALLEL_MIN_ROWS)
     for (int64_t r = 0; r < rows; r++) {
         bf16 tmp[512];
         int64_t slot = slots[r], pos = positions[r];

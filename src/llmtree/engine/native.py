@@ -34,8 +34,8 @@ _i = ctypes.c_int64
 _f = ctypes.c_float
 _c = ctypes.c_int
 SIGNATURES: dict[str, list[type]] = {
-    "lt_rms_norm": [_p, _i, _p, _p, _i, _i, _f],
-    "lt_add_rms_norm": [_p, _p, _p, _p, _i, _i, _f],
+    "lt_rms_norm": [_p, _i, _p, _p, _i, _i, _f, _c],
+    "lt_add_rms_norm": [_p, _p, _p, _p, _i, _i, _f, _c],
     "lt_silu_mul": [_p, _p, _i, _i, _c],
     "lt_argmax": [_p, _i, _i, _p],
     "lt_rope_attention": [_p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _i, _i, _f, _p, _c],
@@ -81,7 +81,14 @@ class CpuKernels:
         assert x.stride(1) == 1
         out = torch.empty((rows, dim), dtype=x.dtype) if out is None else out
         self._lib.lt_rms_norm(
-            x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps
+            x.data_ptr(),
+            x.stride(0),
+            weight.data_ptr(),
+            out.data_ptr(),
+            rows,
+            dim,
+            eps,
+            torch.get_num_threads(),
         )
         return out
 
@@ -98,7 +105,14 @@ class CpuKernels:
         rows, dim = x.shape
         out = torch.empty((rows, dim), dtype=x.dtype) if out is None else out
         self._lib.lt_add_rms_norm(
-            x.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps
+            x.data_ptr(),
+            delta.data_ptr(),
+            weight.data_ptr(),
+            out.data_ptr(),
+            rows,
+            dim,
+            eps,
+            torch.get_num_threads(),
         )
         return out
 

@@ -359,3 +359,53 @@ def test_a_folder_others_can_write_is_not_used(
     built = kernel_build.build()
     assert built is not None and built.parent == tmp_path / "tmp" / f"llmtree-kernels-{os.getuid()}"
     assert not list(shared.iterdir())
+
+
+@pytest.mark.model
+def test_the_layer_loop_in_one_call_is_the_python_loop_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``lt_layers`` (``cpu_layers.c``) runs the same kernels as the Python loop of
+    ``_forward_native``: prompt rows (dense products), one to four decode rows (4-bit), more
+    decode rows (dense), and decode rows beside a prompt chunk (4-bit and dense in one product)
+    must all give the same logits and write the same cache."""
+    forward = LlamaForward(_load().model, 512, torch.bfloat16)
+    runner = ModelRunner(forward, 8, 512, eos_token_ids=[])
+    assert forward.kernels is not None
+    if not forward.kernels.has_amx:
+        pytest.skip("the one-call layer loop needs AMX products")
+    prompts = [[100 + 7 * slot + i for i in range(20 + slot)] for slot in range(8)]
+    seqs = []
+    for slot, prompt in enumerate(prompts):
+        seq = Sequence(f"r{slot}", prompt, SamplingParams(max_tokens=8, temperature=0))
+        seq.slot, seq.status = slot, SequenceStatus.RUNNING
+        seqs.append(seq)
+
+    def both(plan: StepPlan) -> torch.Tensor:
+        """The plan's logits by the one-call loop, then again by the Python loop (the second
+        writes the same keys and values over the first's)."""
+        batch = runner._build(plan)
+        one_call = forward.forward(batch, runner.cache)
+        assert forward._layer_loop is not None
+        with monkeypatch.context() as patch:
+            patch.setattr(forward, "_native_layers", lambda kernels, cache: None)
+            python = forward.forward(runner._build(plan), runner.cache)
+        assert torch.equal(one_call, python)
+        return one_call
+
+    both(StepPlan(prefills=[PrefillChunk(seq, 0, len(seq.prompt_ids)) for seq in seqs[:7]]))
+    for seq in seqs[:7]:
+        seq.num_computed_tokens = len(seq.prompt_ids)
+        seq.output_ids.append(5)
+    last = seqs[7]
+    for decoding, plan in (
+        (1, StepPlan(decodes=seqs[:1])),
+        (4, StepPlan(decodes=seqs[:4])),
+        (7, StepPlan(decodes=seqs[:7])),
+        (3, StepPlan(decodes=seqs[:3], prefills=[PrefillChunk(last, 0, 9)])),
+    ):
+        logits = both(plan)
+        assert logits.shape[0] == decoding  # the prompt chunk does not end its prompt
+        for seq in plan.decodes:
+            seq.num_computed_tokens += 1
+            seq.output_ids.append(int(logits[plan.decodes.index(seq)].argmax()))

@@ -1,10 +1,10 @@
 """Building the fused CPU kernels: once per machine, into a private cache folder.
 
-``build()`` compiles ``cpu_kernels.c`` and ``cpu_matmul.c`` with the system C compiler
-(``cc -O3 -march=native -fopenmp``) into a folder keyed by the sources, the flags, the compiler,
-the CPU and torch's version, and returns the library's path (None without a compiler or when the
-build fails). The compile takes about a second (``python -m llmtree.engine`` does it ahead of
-time); ``native.load`` loads what it built.
+``build()`` compiles ``cpu_kernels.c``, ``cpu_matmul.c`` and ``cpu_layers.c`` with the system C
+compiler (``cc -O3 -march=native -fopenmp``) into a folder keyed by the sources, the flags, the
+compiler, the CPU and torch's version, and returns the library's path (None without a compiler or
+when the build fails). The compile takes about a second (``python -m llmtree.engine`` does it
+ahead of time); ``native.load`` loads what it built.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 SOURCES = (
     Path(__file__).with_name("cpu_kernels.c"),
     Path(__file__).with_name("cpu_matmul.c"),
+    Path(__file__).with_name("cpu_layers.c"),
 )
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from llmtree.engine import native
 from llmtree.engine.kv_cache import KVCache
 from llmtree.engine.linear import INT4_MAX_ROWS, INT4_MAX_ROWS_AMX, Linear, can_pack
+from llmtree.engine.native_layers import NativeLayers
 from llmtree.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -181,6 +182,7 @@ class LlamaForward:
             else INT4_MAX_ROWS
         )
         """Steps with at most this many decode rows multiply them by the int4 weights."""
+        self._layer_loop: NativeLayers | None = None
 
     def _native_kernels(self, has_qk_norm: bool) -> native.CpuKernels | None:
         """The fused CPU kernels, where they fit this model and device (else None)."""
@@ -280,6 +282,11 @@ class LlamaForward:
         small = decodes if compact else 0
         eps, layers, heads = self.eps, self.layers, self.num_heads
         hidden = kernels.rms_norm(x, layers[0].input_norm, eps)
+        loop = self._native_layers(kernels, cache)
+        if loop is not None and loop.run(
+            x, hidden, small, batch.slots, batch.positions, batch.lengths
+        ):
+            return self.head(hidden[batch.sample_rows], compact)
         rows = x.shape[0]
         attention = x.new_empty(rows, heads * self.head_dim)
         activation: torch.Tensor | None = None
@@ -310,6 +317,29 @@ class LlamaForward:
             else:
                 x.add_(delta)
         return self.head(kernels.rms_norm(x[batch.sample_rows], self.norm, eps), compact)
+
+    def _native_layers(self, kernels: native.CpuKernels, cache: KVCache) -> NativeLayers | None:
+        """The layer loop in one kernel call over ``cache``, made on first use; None where some
+        product has no AMX form or has a bias (the Python loop then runs every step)."""
+        built = self._layer_loop
+        if built is not None and built.cache is cache:
+            return built
+        linears = [
+            lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        ]
+        if not kernels.has_amx or not NativeLayers.fits(linears):
+            return None
+        self._layer_loop = NativeLayers(
+            kernels,
+            [(y.qkv, y.o, y.gate_up, y.down, y.input_norm, y.post_norm) for y in self.layers],
+            self.norm,
+            cache,
+            self.cos,
+            self.sin,
+            self.num_heads,
+            self.eps,
+        )
+        return self._layer_loop
 
     def head(self, hidden: torch.Tensor, compact: bool) -> torch.Tensor:
         """Logits of the sampled rows. Steps that take the int4 forms for their decode rows (few

@@ -67,6 +67,8 @@ class CpuKernels:
         for probe in (library.lt_amx_init, library.lt_q8_fast):
             probe.argtypes = []
             probe.restype = ctypes.c_int
+        library.lt_layers.argtypes = [_p, _i, _p, _c]
+        library.lt_layers.restype = ctypes.c_int
         self._lib = library
         self.has_amx = library.lt_amx_init() == 0
         """True when this CPU, compiler and kernel let the process use the AMX tiles."""
@@ -248,6 +250,11 @@ class CpuKernels:
         out_features = packed.shape[0] * Q4_LANES
         in_features = packed.shape[1] // Q4_STRIDE * Q4_GROUP
         return Product(self._lib.lt_q4_linear, packed, out_features, in_features)
+
+    def run_layers(self, layers: int, count: int, step: int) -> bool:
+        """``lt_layers`` (``cpu_layers.c``) on the addresses of its structures, as
+        ``native_layers.NativeLayers`` makes them; False where a weight lacked a form."""
+        return int(self._lib.lt_layers(layers, count, step, torch.get_num_threads())) == 0
 
     def argmax(self, logits: torch.Tensor) -> list[int]:
         """First index of each row's largest value (``[rows, vocab]``, contiguous)."""

@@ -64,6 +64,7 @@ class Engine:
         self._runner: ModelRunner | None = None
         self._chat: ChatTokenizer | None = None
         self._model_name = settings.model
+        self._device = ""
         self.max_model_len = settings.max_model_len
         self.observer: Callable[[list[SequenceOutput]], None] | None = None
         """Sees each step's outputs before they become events (``llmtree.metrics``)."""
@@ -75,33 +76,66 @@ class Engine:
 
         Called once by the node before it takes requests; blocks until the engine is ready.
         Raises ConfigError when the model or a setting is unusable.
-        """
-        from llmtree.engine.builder import build
 
+        The model is built on the loop thread itself: OpenMP keeps a pool of threads for each
+        thread that starts parallel work, and with two pools on the node's cores libgomp stops
+        spinning between parallel regions and puts its threads to sleep after every one, a
+        futex wake per kernel call, hundreds a step (measured on 2 cores: 12-20 k context
+        switches a second and one-row steps twice as long).
+        """
         report = progress or (lambda message: None)
         started = time.monotonic()
-        built = build(self._settings, report)
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._build_and_loop,
+            args=(report, ready, failure),
+            name="llmtree-engine",
+            daemon=True,
+        )
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        logger.info(
+            "engine ready: %s on %s, %d slots, context %d, in %.1f s",
+            self._model_name,
+            self._device,
+            self._settings.slots,
+            self.max_model_len,
+            time.monotonic() - started,
+        )
+        report("model ready")
+
+    def _build_and_loop(
+        self,
+        report: Callable[[str], None],
+        ready: threading.Event,
+        failure: list[BaseException],
+    ) -> None:
+        """The loop thread: builds the model (``start`` waits for it), then runs the loop."""
+        from llmtree.engine.builder import build
+
+        try:
+            built = build(self._settings, report)
+        except BaseException as error:  # handed to start(), which raises it in its thread
+            failure.append(error)
+            ready.set()
+            return
         self._runner, self._chat = built.runner, built.chat
         self._model_name, self.max_model_len = built.model_name, built.max_model_len
+        self._device = f"{built.device} ({built.dtype})"
         self._scheduler = Scheduler(
             max_num_seqs=self._settings.slots,
             max_prefill_tokens=MAX_PREFILL_TOKENS,
             eos_token_ids=built.eos_token_ids,
             decode=built.chat.decode,
         )
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="llmtree-engine", daemon=True)
-        self._thread.start()
-        logger.info(
-            "engine ready: %s on %s (%s), %d slots, context %d, in %.1f s",
-            self._model_name,
-            built.device,
-            built.dtype,
-            self._settings.slots,
-            self.max_model_len,
-            time.monotonic() - started,
-        )
-        report("model ready")
+        ready.set()
+        self._loop()
 
     def stop(self) -> None:
         """Ends the loop; every unfinished request gets a terminal "cancelled" event.

@@ -1,5 +1,5 @@
-"""How a serving node counts what it holds while a burst of requests comes in (no network, no
-model: an engine that admits slowly, as the real one does while it tokenizes and logs)."""
+"""How a serving node counts what it holds while a burst of requests comes in, and what its
+engine holds on its own (no network, no model: stand-in engines)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from llmtree.config import Settings
+from llmtree.errors import Overloaded
 from llmtree.protocol import GenerateRequest, SamplingParams
 from llmtree.tree.node import TreeNode
 
@@ -74,5 +77,35 @@ def test_a_burst_within_the_slots_is_all_served_here() -> None:
         assert node.children_now() == ["child"]
         assert sorted(engine.ids) == sorted(f"r{i}" for i in range(20))
         assert node.held() == 20
+    finally:
+        node.close()
+
+
+class FullEngine:
+    """Its one slot is taken by work the node never handed it; no queue."""
+
+    slots = 1
+    model_name = "test"
+    num_running = 1
+    num_waiting = 0
+
+    def submit(self, request: GenerateRequest) -> int:
+        raise AssertionError("a full engine was handed a request")
+
+    def cancel(self, request_id: str) -> bool:
+        return False
+
+
+def test_slots_the_engine_fills_itself_count_as_taken() -> None:
+    node = TreeNode("w", Settings(max_queue=0), OneChild(), engine=FullEngine(), parent="root")
+    try:
+        node.attach_child("child")
+        request = GenerateRequest("r", [{"role": "user", "content": "hi"}], SamplingParams())
+        # the engine is full: the request goes to the child (nobody listens there, so the node
+        # drops it and reports no capacity), never to the engine
+        with pytest.raises(Overloaded):
+            node.submit(request.to_wire())
+        assert node.children_now() == []
+        assert node.load_report()["held"] == 1
     finally:
         node.close()

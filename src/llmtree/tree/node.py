@@ -180,12 +180,11 @@ class TreeNode:
             children = tuple(self._children)
             if draining := self._loads.draining(children):
                 children = tuple(c for c in children if c not in draining)
-            held = self._held()
-            running = min(engine.num_running, held) if engine else 0
+            running, waiting = self._occupancy()
             snapshot = Snapshot(
                 is_root=engine is None,
                 num_running=running,
-                num_waiting=held - running,  # queued in the engine or being handed to it
+                num_waiting=waiting,
                 slots=engine.slots if engine else 0,
                 max_queue=self._settings.max_queue,
                 children=children,
@@ -249,6 +248,20 @@ class TreeNode:
     def _held(self) -> int:
         """Requests this node serves or is about to (caller holds the lock)."""
         return len(self._serving) + self._reserved
+
+    def _occupancy(self) -> tuple[int, int]:
+        """(running, waiting) here, for placement and load reports (caller holds the lock).
+
+        The engine's own counts, or what this node holds if that is more: a request being
+        handed to the engine is in ``_held`` and maybe already in the engine's queue, so the
+        two are never added. The engine's counts also cover slots it fills itself (the tree
+        bench's always-busy forwarder, whose requests never pass through ``_serve``)."""
+        engine = self._engine
+        if engine is None:
+            return 0, 0
+        running = engine.num_running
+        total = max(self._held(), running + engine.num_waiting)
+        return running, total - running
 
     def on_engine_events(self, events: list[dict[str, Any]]) -> None:
         """Engine callback, once per step on the engine thread: route events to their roots."""
@@ -496,7 +509,7 @@ class TreeNode:
             engine = self._engine
             capacity = (engine.slots + self._settings.max_queue) if engine else 0
             return self._loads.subtree(
-                tuple(self._children), self._held(), capacity, self._draining
+                tuple(self._children), sum(self._occupancy()), capacity, self._draining
             )
 
     # -- introspection ----------------------------------------------------------------------

@@ -182,7 +182,7 @@ class LlamaForward:
             else INT4_MAX_ROWS
         )
         """Steps with at most this many decode rows multiply them by the int4 weights."""
-        self._layer_loop: NativeLayers | None = None
+        self._layer_loop: tuple[KVCache, NativeLayers | None] | None = None
 
     def _native_kernels(self, has_qk_norm: bool) -> native.CpuKernels | None:
         """The fused CPU kernels, where they fit this model and device (else None)."""
@@ -319,27 +319,14 @@ class LlamaForward:
         return self.head(kernels.rms_norm(x[batch.sample_rows], self.norm, eps), compact)
 
     def _native_layers(self, kernels: native.CpuKernels, cache: KVCache) -> NativeLayers | None:
-        """The layer loop in one kernel call over ``cache``, made on first use; None where some
-        product has no AMX form or has a bias (the Python loop then runs every step)."""
-        built = self._layer_loop
-        if built is not None and built.cache is cache:
-            return built
-        linears = [
-            lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
-        ]
-        if not kernels.has_amx or not NativeLayers.fits(linears):
-            return None
-        self._layer_loop = NativeLayers(
-            kernels,
-            [(y.qkv, y.o, y.gate_up, y.down, y.input_norm, y.post_norm) for y in self.layers],
-            self.norm,
-            cache,
-            self.cos,
-            self.sin,
-            self.num_heads,
-            self.eps,
-        )
-        return self._layer_loop
+        """The layer loop in one kernel call over ``cache`` (None where it cannot run: the
+        Python loop then runs), decided and made once per cache."""
+        if self._layer_loop is None or self._layer_loop[0] is not cache:
+            built = NativeLayers.build(
+                kernels, self.layers, self.norm, cache, self.cos, self.sin, self.num_heads, self.eps
+            )
+            self._layer_loop = (cache, built)
+        return self._layer_loop[1]
 
     def head(self, hidden: torch.Tensor, compact: bool) -> torch.Tensor:
         """Logits of the sampled rows. Steps that take the int4 forms for their decode rows (few

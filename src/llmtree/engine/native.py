@@ -82,15 +82,9 @@ class CpuKernels:
         rows, dim = x.shape
         assert x.stride(1) == 1
         out = torch.empty((rows, dim), dtype=x.dtype) if out is None else out
+        threads = torch.get_num_threads()
         self._lib.lt_rms_norm(
-            x.data_ptr(),
-            x.stride(0),
-            weight.data_ptr(),
-            out.data_ptr(),
-            rows,
-            dim,
-            eps,
-            torch.get_num_threads(),
+            x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows, dim, eps, threads
         )
         return out
 
@@ -106,6 +100,7 @@ class CpuKernels:
         ``out`` (or a new tensor)."""
         rows, dim = x.shape
         out = torch.empty((rows, dim), dtype=x.dtype) if out is None else out
+        threads = torch.get_num_threads()
         self._lib.lt_add_rms_norm(
             x.data_ptr(),
             delta.data_ptr(),
@@ -114,7 +109,7 @@ class CpuKernels:
             rows,
             dim,
             eps,
-            torch.get_num_threads(),
+            threads,
         )
         return out
 

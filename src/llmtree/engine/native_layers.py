@@ -6,7 +6,7 @@ the whole loop to ``lt_layers``, which calls the same kernels in the same order 
 buffers, so the step's numbers are the Python loop's, bit for bit (``tests/test_engine_native.py``
 holds it to that). It applies where every product of every layer has its AMX form, none has a
 bias, and, for steps whose decode rows take the 4-bit forms, every product has its own 4-bit
-kernel's form; elsewhere ``run`` returns False and the Python loop runs.
+kernel's form; elsewhere ``build`` gives None or ``run`` returns False, and the Python loop runs.
 
 Built by ``LlamaForward`` for the KV cache it is given; used on the engine loop thread.
 """
@@ -21,6 +21,7 @@ import torch
 if TYPE_CHECKING:
     from llmtree.engine.kv_cache import KVCache
     from llmtree.engine.linear import Linear
+    from llmtree.engine.llama import Layer
     from llmtree.engine.native import CpuKernels
 
 _p = ctypes.c_void_p
@@ -66,10 +67,30 @@ def _weight(linear: Linear) -> _Weight:
 class NativeLayers:
     """The decoder layers of one ``LlamaForward`` over one ``KVCache``, for ``lt_layers``."""
 
+    @classmethod
+    def build(
+        cls,
+        kernels: CpuKernels,
+        layers: list[Layer],
+        final_norm: torch.Tensor,
+        cache: KVCache,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        heads: int,
+        eps: float,
+    ) -> NativeLayers | None:
+        """The loop over ``layers``, or None where ``lt_layers`` cannot run them: no AMX here,
+        or a product without its AMX form or with a bias."""
+        linears = [lin for y in layers for lin in (y.qkv, y.o, y.gate_up, y.down)]
+        fits = all(linear.amx is not None and linear.bias is None for linear in linears)
+        if not (kernels.has_amx and layers and fits):
+            return None
+        return cls(kernels, layers, final_norm, cache, cos, sin, heads, eps)
+
     def __init__(
         self,
         kernels: CpuKernels,
-        layers: list[tuple[Linear, Linear, Linear, Linear, torch.Tensor, torch.Tensor]],
+        layers: list[Layer],
         final_norm: torch.Tensor,
         cache: KVCache,
         cos: torch.Tensor,
@@ -77,30 +98,30 @@ class NativeLayers:
         heads: int,
         eps: float,
     ) -> None:
-        """``layers``: per layer ``(qkv, o, gate_up, down, input_norm, post_norm)``; every
-        product with an AMX form (see ``fits``). The tensors must outlive this object."""
+        """Made by ``build``; the tensors must outlive this object."""
         self.kernels = kernels
         self.cache = cache
-        self.has_q4 = all(linear.q4 is not None for layer in layers for linear in layer[:4])
+        self.has_q4 = all(
+            lin.q4 is not None for y in layers for lin in (y.qkv, y.o, y.gate_up, y.down)
+        )
         self._keep = (layers, final_norm, cos, sin)
         array = (_Layer * len(layers))()
-        for index, (qkv, o, gate_up, down, _, post_norm) in enumerate(layers):
-            next_norm = layers[index + 1][4] if index + 1 < len(layers) else final_norm
+        for index, layer in enumerate(layers):
+            next_norm = layers[index + 1].input_norm if index + 1 < len(layers) else final_norm
             k_cache, v_cache = cache.layer(index)
             array[index] = _Layer(
-                _weight(qkv),
-                _weight(o),
-                _weight(gate_up),
-                _weight(down),
-                post_norm.data_ptr(),
+                _weight(layer.qkv),
+                _weight(layer.o),
+                _weight(layer.gate_up),
+                _weight(layer.down),
+                layer.post_norm.data_ptr(),
                 next_norm.data_ptr(),
                 k_cache.data_ptr(),
                 v_cache.data_ptr(),
             )
         self._layers = array
-        first = layers[0]
         num_slots, kv_heads, max_len, head_dim = cache.layer(0)[0].shape
-        self._widths = (first[0].out_features, first[2].out_features)
+        self._widths = (layers[0].qkv.out_features, layers[0].gate_up.out_features)
         self._step = _Step(
             rows=0,
             small=0,
@@ -109,18 +130,13 @@ class NativeLayers:
             head_dim=head_dim,
             num_slots=num_slots,
             max_len=max_len,
-            hidden_size=_weight(first[0]).k,
-            inter=_weight(first[3]).k,
+            hidden_size=array[0].qkv.k,
+            inter=array[0].down.k,
             scale=head_dim**-0.5,
             eps=eps,
             cos=cos.data_ptr(),
             sin=sin.data_ptr(),
         )
-
-    @staticmethod
-    def fits(linears: list[Linear]) -> bool:
-        """True when ``lt_layers`` can multiply by all of ``linears``: AMX forms, no bias."""
-        return all(linear.amx is not None and linear.bias is None for linear in linears)
 
     def run(
         self,

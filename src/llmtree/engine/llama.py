@@ -322,9 +322,10 @@ class LlamaForward:
         """The layer loop in one kernel call over ``cache`` (None where it cannot run: the
         Python loop then runs), decided and made once per cache."""
         if self._layer_loop is None or self._layer_loop[0] is not cache:
-            built = NativeLayers.build(
-                kernels, self.layers, self.norm, cache, self.cos, self.sin, self.num_heads, self.eps
-            )
+            built = None
+            if NativeLayers.fits(kernels, self.layers):
+                rest = (self.norm, cache, self.cos, self.sin, self.num_heads, self.eps)
+                built = NativeLayers(kernels, self.layers, *rest)
             self._layer_loop = (cache, built)
         return self._layer_loop[1]
 

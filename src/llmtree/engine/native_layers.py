@@ -6,7 +6,7 @@ the whole loop to ``lt_layers``, which calls the same kernels in the same order 
 buffers, so the step's numbers are the Python loop's, bit for bit (``tests/test_engine_native.py``
 holds it to that). It applies where every product of every layer has its AMX form, none has a
 bias, and, for steps whose decode rows take the 4-bit forms, every product has its own 4-bit
-kernel's form; elsewhere ``build`` gives None or ``run`` returns False, and the Python loop runs.
+kernel's form; elsewhere (``fits`` is False, or ``run`` returns False) the Python loop runs.
 
 Built by ``LlamaForward`` for the KV cache it is given; used on the engine loop thread.
 """
@@ -67,25 +67,13 @@ def _weight(linear: Linear) -> _Weight:
 class NativeLayers:
     """The decoder layers of one ``LlamaForward`` over one ``KVCache``, for ``lt_layers``."""
 
-    @classmethod
-    def build(
-        cls,
-        kernels: CpuKernels,
-        layers: list[Layer],
-        final_norm: torch.Tensor,
-        cache: KVCache,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        heads: int,
-        eps: float,
-    ) -> NativeLayers | None:
-        """The loop over ``layers``, or None where ``lt_layers`` cannot run them: no AMX here,
-        or a product without its AMX form or with a bias."""
+    @staticmethod
+    def fits(kernels: CpuKernels, layers: list[Layer]) -> bool:
+        """True where ``lt_layers`` can run ``layers``: AMX here, and every product with its AMX
+        form and no bias."""
         linears = [lin for y in layers for lin in (y.qkv, y.o, y.gate_up, y.down)]
-        fits = all(linear.amx is not None and linear.bias is None for linear in linears)
-        if not (kernels.has_amx and layers and fits):
-            return None
-        return cls(kernels, layers, final_norm, cache, cos, sin, heads, eps)
+        usable = all(linear.amx is not None and linear.bias is None for linear in linears)
+        return kernels.has_amx and bool(layers) and usable
 
     def __init__(
         self,
@@ -98,7 +86,7 @@ class NativeLayers:
         heads: int,
         eps: float,
     ) -> None:
-        """Made by ``build``; the tensors must outlive this object."""
+        """``layers`` must ``fit``; the tensors must outlive this object."""
         self.kernels = kernels
         self.cache = cache
         self.has_q4 = all(

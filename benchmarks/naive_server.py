@@ -1,10 +1,16 @@
 """Baseline (c): the naive design llmtree's seeds started from.
 
 One request at a time through ``transformers`` ``model.generate()`` behind a web endpoint: a
-FastAPI app whose ``POST /v1/chat/completions`` takes a lock, runs ``generate()`` in a thread
-with a ``TextIteratorStreamer`` and streams what it yields as OpenAI chunks (SSE, ending with a
-usage chunk and ``data: [DONE]``), so the same load generator measures it as the real gateway.
-Every other request waits for the lock. A client that goes away stops its generation.
+FastAPI app whose ``POST /v1/chat/completions`` takes a lock, runs ``generate()`` with a
+``TextIteratorStreamer`` and streams what it yields as OpenAI chunks (SSE, ending with a usage
+chunk and ``data: [DONE]``), so the same load generator measures it as the real gateway. Every
+other request waits for the lock. A client that goes away stops its generation.
+
+Every ``generate()`` runs on one long-lived thread, the one that loaded the model. The usual
+recipe (a new thread per request) is slower here for a reason that has nothing to do with the
+design: libgomp keeps one OpenMP thread pool per thread that starts parallel work, and once a
+process has more OpenMP threads than cores it stops spinning between parallel regions, so every
+operator wakes a sleeping thread (on this VM 2-3x slower). The baseline should not lose to that.
 
     python benchmarks/naive_server.py --port 8100
 """
@@ -19,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import anyio
@@ -42,7 +49,7 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
-def create_app(model: Any, tokenizer: Any, model_name: str) -> FastAPI:
+def create_app(model: Any, tokenizer: Any, model_name: str, runner: ThreadPoolExecutor) -> FastAPI:
     app = FastAPI()
     lock = asyncio.Lock()
 
@@ -62,7 +69,8 @@ def create_app(model: Any, tokenizer: Any, model_name: str) -> FastAPI:
         )
         max_tokens = int(body.get("max_tokens") or 256)
         min_tokens = max_tokens if body.get("ignore_eos") else int(body.get("min_tokens") or 0)
-        job = Job(model, tokenizer, text, max_tokens, min_tokens, body.get("temperature") or 0.0)
+        temperature = body.get("temperature") or 0.0
+        job = Job(model, tokenizer, runner, text, max_tokens, min_tokens, temperature)
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if not body.get("stream"):
             async with lock:
@@ -79,19 +87,27 @@ def create_app(model: Any, tokenizer: Any, model_name: str) -> FastAPI:
 
 
 class Job:
-    """One ``generate()`` call in a thread, its text streamed through a TextIteratorStreamer."""
+    """One ``generate()`` call on the runner thread, its text streamed through a
+    TextIteratorStreamer."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, text: str, max_tokens: int, min_tokens: int, temp: float
+        self,
+        model: Any,
+        tokenizer: Any,
+        runner: ThreadPoolExecutor,
+        text: str,
+        max_tokens: int,
+        min_tokens: int,
+        temp: float,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.runner = model, tokenizer, runner
         self.inputs = tokenizer(text, return_tensors="pt")
         self.max_tokens, self.min_tokens, self.temperature = max_tokens, min_tokens, float(temp)
         self.stop = threading.Event()
         self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.output_tokens = 0
         self.error: str | None = None
-        self.thread = threading.Thread(target=self._generate, daemon=True)
+        self.future: Future[None] | None = None
 
     def _generate(self) -> None:
         sampling: dict[str, Any] = {"do_sample": False}
@@ -115,7 +131,7 @@ class Job:
 
     async def pieces(self) -> AsyncIterator[str]:
         """The text as generate() produces it; call ``close`` after, whatever happens."""
-        self.thread.start()
+        self.future = self.runner.submit(self._generate)
         while True:
             piece = await anyio.to_thread.run_sync(next, self.streamer, None)
             if piece is None:
@@ -124,11 +140,11 @@ class Job:
                 yield piece
 
     async def close(self) -> None:
-        """Stop generate() if it still runs and wait for its thread (also when cancelled)."""
+        """Stop generate() if it still runs and wait for it to end (also when cancelled)."""
         self.stop.set()
-        if self.thread.is_alive():
+        if self.future is not None and not self.future.done():
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.thread.join)
+                await asyncio.wrap_future(self.future)
 
     def usage(self) -> dict[str, int]:
         prompt = int(self.inputs["input_ids"].shape[1])
@@ -178,9 +194,10 @@ def main() -> None:
     parser.add_argument("--dtype", help="bfloat16 or float32 (default: as llmtree)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s naive: %(message)s")
-    model, tokenizer, info = load_model(args.dtype)
+    runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+    model, tokenizer, info = runner.submit(load_model, args.dtype).result()
     logger.info("loaded %s (%s, %s threads)", info["source"], info["dtype"], info["threads"])
-    app = create_app(model, tokenizer, "smollm2")
+    app = create_app(model, tokenizer, "smollm2", runner)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -147,6 +147,27 @@ def test_sink_takes_a_packed_batch_and_drops_what_is_not_an_event() -> None:
     assert asyncio.run(run()) == (3, ["a", "b", ""])
 
 
+def test_a_stream_that_keeps_delivering_outlives_its_idle_limit() -> None:
+    """The idle limit counts from the last event, not from the start of the answer."""
+
+    async def run() -> list[dict[str, object]]:
+        stream = RequestStream("r", asyncio.get_running_loop())
+
+        async def feed() -> None:
+            for seq in range(6):
+                await asyncio.sleep(0.1)
+                reason = "stop" if seq == 5 else None
+                stream.push_threadsafe([make_event("r", seq, text="x", finish_reason=reason)])
+
+        feeder = asyncio.create_task(feed())
+        events = [event async for event in stream.events(0.25)]
+        await feeder
+        return events
+
+    events = asyncio.run(run())
+    assert [e["finish_reason"] for e in events] == [None] * 5 + ["stop"]
+
+
 def test_stream_times_out_with_one_error_event() -> None:
     async def run() -> list[dict[str, object]]:
         stream = RequestStream("r", asyncio.get_running_loop())

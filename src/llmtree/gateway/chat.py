@@ -200,6 +200,8 @@ async def _sse(
         }
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
+    # a content chunk is ``chunk({"content": text}, None)``, built around the one changing part
+    content_prefix, _, content_suffix = chunk({"content": ""}, None).rpartition('""')
     try:
         yield chunk({"role": "assistant", "content": ""}, None)
         async for event in stream.events(ctx.idle_timeout_s):
@@ -211,7 +213,7 @@ async def _sse(
                 yield f"data: {json.dumps(error.to_openai())}\n\n"
                 break
             if event["text"] or reason is None:
-                yield chunk({"content": event["text"]}, None)
+                yield content_prefix + json.dumps(event["text"]) + content_suffix
             if reason is not None:
                 yield chunk({}, _finish(reason))
                 if include_usage and event.get("usage"):

@@ -119,7 +119,7 @@ class _TreeCollector(Collector):
 
 
 class GatewayMetrics:
-    """The gateway's registry, and the event sink's observer (opened, event, closed)."""
+    """The gateway's registry, and the event sink's observer (opened, events, closed)."""
 
     def __init__(self, root: RootClient, timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -142,19 +142,24 @@ class GatewayMetrics:
             self._seen[request_id] = set()
         self.timers.start(request_id)
 
-    def event(self, event: dict[str, Any]) -> None:
-        rid = event["request_id"]
+    def events(self, events: list[dict[str, Any]]) -> None:
+        """One delivery's events (each counted once, whatever order or repeats they come in)."""
         with self._lock:
-            seen = self._seen.get(rid)
-            if seen is None or event["seq"] in seen:
-                return
-            seen.add(event["seq"])
-        self.timers.tokens(rid, len(event.get("token_ids") or []))
-        reason = event.get("finish_reason")
-        if reason is not None:
-            usage = event.get("usage") or {}
-            prompt = usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
-            self.timers.finish(rid, str(reason), prompt if isinstance(prompt, int) else 0)
+            fresh = []
+            for event in events:
+                seen = self._seen.get(event["request_id"])
+                if seen is not None and event["seq"] not in seen:
+                    seen.add(event["seq"])
+                    fresh.append(event)
+        now = time.monotonic()
+        for event in fresh:
+            rid = event["request_id"]
+            self.timers.tokens(rid, len(event.get("token_ids") or []), now)
+            reason = event.get("finish_reason")
+            if reason is not None:
+                usage = event.get("usage") or {}
+                prompt = usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+                self.timers.finish(rid, str(reason), prompt if isinstance(prompt, int) else 0, now)
 
     def closed(self, request_id: str) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,21 +23,31 @@ logger = logging.getLogger(__name__)
 
 
 class RequestStream:
-    """One request's events, in order, on one asyncio loop."""
+    """One request's events, in order, on one asyncio loop.
+
+    Everything but ``push_threadsafe`` runs on that loop. A streamed answer passes a few hundred
+    events through here, one per engine step, so the hand-over is a deque and one future rather
+    than an ``asyncio.Queue``, and the idle limit is one timer per quiet spell (re-armed only
+    when it fires) rather than a timeout armed around every wait.
+    """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
-        self._loop = loop
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.loop = loop
+        self._ready: deque[dict[str, Any]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._pending: dict[int, dict[str, Any]] = {}
         self._next_seq = 0
+        self._last_event = loop.time()
         self.finished = False
 
     def push_threadsafe(self, events: list[dict[str, Any]]) -> None:
         """Hands a delivery's events for this request to its loop (one wake-up per batch)."""
-        self._loop.call_soon_threadsafe(self._push_all, events)
+        self.loop.call_soon_threadsafe(self.push_all, events)
 
-    def _push_all(self, events: list[dict[str, Any]]) -> None:
+    def push_all(self, events: list[dict[str, Any]]) -> None:
+        """On the loop: take events in any order; they come out in ``seq`` order, once each."""
         for event in events:
             self._push(event)
 
@@ -44,15 +55,21 @@ class RequestStream:
         seq = event["seq"]
         if seq < self._next_seq or seq in self._pending or self.finished:
             return
+        self._last_event = self.loop.time()
         self._pending[seq] = event
         while self._next_seq in self._pending:
             ready = self._pending.pop(self._next_seq)
             self._next_seq += 1
-            self._queue.put_nowait(ready)
+            self._put(ready)
             if ready.get("finish_reason") is not None:
                 self.finished = True
                 self._pending.clear()
                 break
+
+    def _put(self, event: dict[str, Any]) -> None:
+        self._ready.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def fail(self, message: str) -> None:
         """End the stream from the gateway side (timeout, lost node): one terminal error event."""
@@ -66,7 +83,7 @@ class RequestStream:
     def _end(self, reason: str, **extra: Any) -> None:
         if not self.finished:
             self.finished = True
-            self._queue.put_nowait(
+            self._put(
                 {
                     "request_id": self.request_id,
                     "seq": self._next_seq,
@@ -79,21 +96,39 @@ class RequestStream:
                 }
             )
 
+    def _watch(self, idle_timeout_s: float) -> None:
+        """The idle timer: fails the stream after ``idle_timeout_s`` with no new event."""
+        if self.finished:
+            return
+        quiet = self.loop.time() - self._last_event
+        if quiet >= idle_timeout_s:
+            self.fail(f"no output for {idle_timeout_s:g} s; the serving node may be lost")
+        else:
+            self._watchdog = self.loop.call_later(
+                idle_timeout_s - quiet, self._watch, idle_timeout_s
+            )
+
     async def events(self, idle_timeout_s: float) -> AsyncIterator[dict[str, Any]]:
-        """Yield events until the terminal one; ends with an error after ``idle_timeout_s``."""
-        while True:
-            try:  # most events are already queued: no timer, no task (wait_for makes a task)
-                event = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    async with asyncio.timeout(idle_timeout_s):
-                        event = await self._queue.get()
-                except TimeoutError:
-                    self.fail(f"no output for {idle_timeout_s:g} s; the serving node may be lost")
-                    event = self._queue.get_nowait()
-            yield event
-            if event.get("finish_reason") is not None:
-                return
+        """Yield events until the terminal one; ends with an error event once no event has
+        come for ``idle_timeout_s``."""
+        self._last_event = self.loop.time()
+        self._watchdog = self.loop.call_later(idle_timeout_s, self._watch, idle_timeout_s)
+        try:
+            while True:
+                while not self._ready:
+                    self._waiter = self.loop.create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+                event = self._ready.popleft()
+                yield event
+                if event.get("finish_reason") is not None:
+                    return
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
 
 
 @Pyro5.api.behavior(instance_mode="single")
@@ -136,12 +171,21 @@ class EventSink:
                     stream = self._streams.get(event["request_id"])
                     if stream is not None:
                         batches.setdefault(stream, []).append(event)
+        if not batches:
+            return 0
+        if self.observer is not None:  # first: the reader may close the stream at once
+            self.observer.events([event for events in batches.values() for event in events])
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[Any]]]] = {}
         for stream, events in batches.items():
-            if self.observer is not None:  # first: the reader may close the stream at once
-                for event in events:
-                    self.observer.event(event)
-            stream.push_threadsafe(events)
+            by_loop.setdefault(stream.loop, []).append((stream, events))
+        for loop, items in by_loop.items():  # one wake-up of each loop per delivery
+            loop.call_soon_threadsafe(_push_each, items)
         return sum(len(events) for events in batches.values())
+
+
+def _push_each(items: list[tuple[RequestStream, list[dict[str, Any]]]]) -> None:
+    for stream, events in items:
+        stream.push_all(events)
 
 
 class SinkServer:

@@ -160,7 +160,8 @@ def render(report: Report) -> str:
         "`llmtree bench` load generator (`src/llmtree/bench/`).",
         "* **(c) naive server**: `benchmarks/naive_server.py`, one request at a time through "
         "`transformers` `generate()` with a `TextIteratorStreamer` behind a FastAPI endpoint "
-        "(a lock serialises requests); same load generator.",
+        "(a lock serialises requests; every `generate()` runs on the one thread that loaded "
+        "the model, so the process has one OpenMP thread pool); same load generator.",
         "* **(d) static batches**: `benchmarks/static_batch.py`, `generate()` on left-padded "
         f"batches of size C, {s['batches']} batch(es) per size; TTFT is when the batch's first "
         "tokens appear, E2E the whole batch.",

@@ -138,11 +138,16 @@ def test_to_q8_finds_the_blocks_exactly_and_refuses_anything_else() -> None:
 
 def test_q8_is_used_exactly_where_the_cpu_has_avx512(kernels: native.CpuKernels) -> None:
     assert kernels.has_q8 == ("avx512f" in cpu_flags())
+    assert kernels.has_q4 == ({"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags())
 
 
 needs_q8 = pytest.mark.skipif(
     "avx512f" not in cpu_flags(),
     reason="no AVX-512 here: the 8-bit products are not used (checked above)",
+)
+needs_q4 = pytest.mark.skipif(
+    not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags(),
+    reason="no AVX-512 VNNI here: the 4-bit products are not used (checked above)",
 )
 
 
@@ -228,12 +233,25 @@ def unpack_q4(packed: torch.Tensor, out_features: int, in_features: int) -> torc
     """The weight ``packed`` holds, read in the order ``cpu_matmul.c`` documents."""
     groups, lanes = in_features // 32, native.Q4_LANES
     blocks = packed.view(out_features // lanes, groups, native.Q4_STRIDE)
-    pairs = blocks[..., : 16 * lanes].view(-1, groups, 16, lanes).long()
-    values = torch.stack((pairs & 15, pairs >> 4), dim=3).float()  # block, group, pair, 2, lane
+    loads = blocks[..., : 16 * lanes].view(-1, groups, 4, lanes, 4).long()  # block, group, c, j, b
+    values = torch.stack((loads & 15, loads >> 4), dim=2).float()  # block, group, half, c, j, b
+    values = values.permute(0, 4, 1, 2, 3, 5).reshape(-1, lanes, groups, 32)  # input 16h + 4c + b
     halves = blocks[..., 16 * lanes :].contiguous().view(torch.float16).float()
-    scale, minimum = halves.view(-1, groups, 2, lanes).unbind(2)
-    weight = values.flatten(2, 3) * scale[:, :, None] + minimum[:, :, None]
-    return weight.permute(0, 3, 1, 2).reshape(out_features, in_features)
+    scale, minimum = halves.view(-1, groups, 2, lanes).permute(2, 0, 3, 1)  # block, lane, group
+    weight = values * scale[..., None] + minimum[..., None]
+    return weight.reshape(out_features, in_features)
+
+
+def q8_1(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the 4-bit product reads it: llama.cpp's Q8_1 blocks, per 32 inputs a scale
+    ``max |x| / 127`` and integers ``x / scale`` rounded to the nearest (ties to even), in the
+    float32 steps of ``q8_quantize_rows`` in ``cpu_matmul.c``; returned as float64 values."""
+    groups = x.float().reshape(x.shape[0], -1, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    # a tensor divided (``127.0 / amax`` would multiply by a rounded reciprocal instead)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(groups * inverse)
+    return (q.double() * (amax / 127.0).double()).reshape(x.shape)
 
 
 def test_to_q4_finds_the_blocks_exactly_and_refuses_anything_else() -> None:
@@ -254,23 +272,34 @@ def test_to_q4_finds_the_blocks_exactly_and_refuses_anything_else() -> None:
     assert to_q4(nudged) is None
 
 
-@needs_q8
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-def test_q4_linear_is_the_exact_weight_times_the_input(
+@needs_q4
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])
+def test_q4_linear_is_the_weight_times_the_input_in_8_bits(
     kernels: native.CpuKernels, rows: int
 ) -> None:
+    """llama.cpp's Q4_1 x Q8_1 product: exact for the 8-bit input (float32 sums rounded once),
+    within the input's 8-bit rounding of the product of the input itself."""
     weight = q4_weight(320, 576, seed=rows)
     packed = to_q4(weight)
     assert packed is not None
-    check_exact_product(lambda x, out: kernels.q4_linear(x, packed, out=out), weight, rows, 2e-3)
     torch.manual_seed(rows)
-    x = torch.randn(rows, 576).bfloat16()
-    result = kernels.q4_linear(x, packed)
+    wide = torch.randn(rows, 600).bfloat16()
+    x = wide[:, 8:584]  # strided rows
+    sentinel = torch.full((rows + 2, 336), 7.0, dtype=torch.bfloat16)
+    out = sentinel[:rows, 16:]
+    result = kernels.q4_linear(x, packed, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert (sentinel[rows:] == 7.0).all() and (sentinel[:, :16] == 7.0).all()
+    exact = (q8_1(x) @ weight.double().T).bfloat16()
+    torch.testing.assert_close(result.float(), exact.float(), rtol=8e-3, atol=2e-3)
+    unquantized = x.double() @ weight.double().T
+    error = (result.double() - unquantized).abs().max() / unquantized.abs().max()
+    assert error < 0.02, error
     alone = torch.cat([kernels.q4_linear(x[r : r + 1], packed) for r in range(rows)])
     assert torch.equal(alone, result)  # a row's numbers do not depend on the rows beside it
 
 
-@needs_q8
+@needs_q4
 def test_q4_refuses_what_it_cannot_take(kernels: native.CpuKernels) -> None:
     packed = to_q4(q4_weight(64, 96, seed=2))
     assert packed is not None
@@ -281,7 +310,7 @@ def test_q4_refuses_what_it_cannot_take(kernels: native.CpuKernels) -> None:
     assert kernels.q4_linear(torch.empty(0, 96, dtype=torch.bfloat16), packed).shape == (0, 64)
 
 
-@needs_q8
+@needs_q4
 def test_a_linear_takes_the_4bit_form_for_the_rows_asked(kernels: native.CpuKernels) -> None:
     weight = q4_weight(64, 96, seed=3)
     bias = torch.randn(64).bfloat16()

@@ -28,6 +28,10 @@ from cluster import model_cache
 HEADS, KV_HEADS, HEAD_DIM, SLOTS, MAX_LEN = 9, 3, 64, 8, 256
 EPS = 1e-5
 
+NEAR_TIE = 0.25
+"""Two float32 logits closer than this are a tie for bf16 arithmetic (a bf16 step near 20 is
+0.125)."""
+
 
 @pytest.fixture(scope="module")
 def kernels() -> native.CpuKernels:
@@ -309,16 +313,33 @@ def test_the_fused_forward_computes_what_the_pytorch_forward_computes() -> None:
     assert error[True] < 0.2 and error[True] <= 1.1 * error[False], error
     assert logits[True].argmax(-1).tolist() == exact.argmax(-1).tolist()
     assert logits[False].argmax(-1).tolist() == exact.argmax(-1).tolist()
-    # The decode steps (three rows) take the 4-bit forms. The fused forward's are the file's
-    # exact values, so its greedy text is the float32 model's. PyTorch's int4 kernel takes its
-    # scales in bf16, which rounds them: the PyTorch path's text may part from float32's where
-    # two tokens are nearly tied (measured: the first prompt's sixth token), so it is held to
-    # the logits above, not to the text.
+    # The decode steps (three rows) take the 4-bit forms: the file's exact weights, times the
+    # inputs in 8 bits (llama.cpp's Q4_1 x Q8_1). The greedy text is the float32 model's but
+    # where float32 nearly ties its two best tokens (measured: the first prompt's sixth token,
+    # 0.04 apart); there it may take the second, and the texts part from there. (PyTorch's int4
+    # path, whose scales are rounded to bf16, parts at the same token, so it is held to the
+    # logits above only.)
     with torch.inference_mode():
         for seq in sequences[True]:
             prompt = torch.tensor([seq.prompt_ids])
             greedy = reference.generate(prompt, max_new_tokens=25, do_sample=False)
-            assert seq.output_ids == greedy[0, prompt.shape[1] :].tolist()
+            expected = greedy[0, prompt.shape[1] :].tolist()
+            parted = next(
+                (
+                    i
+                    for i, (a, b) in enumerate(zip(seq.output_ids, expected, strict=True))
+                    if a != b
+                ),
+                None,
+            )
+            if parted is not None:
+                scores = reference(greedy[:, :-1]).logits[0, prompt.shape[1] - 1 + parted]
+                best = scores.topk(2)
+                gap = float(best.values[0] - best.values[1])
+                assert gap < NEAR_TIE and seq.output_ids[parted] == int(best.indices[1]), (
+                    parted,
+                    gap,
+                )
 
 
 @pytest.mark.model

@@ -64,7 +64,7 @@ class CpuKernels:
             function = getattr(library, name)
             function.argtypes = argtypes
             function.restype = None
-        for probe in (library.lt_amx_init, library.lt_q8_fast):
+        for probe in (library.lt_amx_init, library.lt_q8_fast, library.lt_q4_fast):
             probe.argtypes = []
             probe.restype = ctypes.c_int
         library.lt_layers.argtypes = [_p, _i, _p, _c]
@@ -73,7 +73,9 @@ class CpuKernels:
         self.has_amx = library.lt_amx_init() == 0
         """True when this CPU, compiler and kernel let the process use the AMX tiles."""
         self.has_q8 = library.lt_q8_fast() == 1
-        """True when ``q8_linear`` and ``q4_linear`` run on vector instructions here (AVX-512)."""
+        """True when ``q8_linear`` runs on vector instructions here (AVX-512)."""
+        self.has_q4 = library.lt_q4_fast() == 1
+        """True when ``q4_linear`` runs on vector instructions here (AVX-512 VNNI)."""
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None

@@ -24,10 +24,13 @@
  * group of 32 weights converted to float once for all of them.
  *
  * lt_q4_linear does the same for the 4-bit layers (llama.cpp's Q4_1 blocks: values 0..15 times a
- * float16 scale plus a float16 minimum per 32 inputs), with the outputs in the vector lanes: a
- * block of 16 outputs is one vector of sums, so no horizontal additions, and the scales apply once
- * per group. Measured against PyTorch's int4 kernel, interleaved in one process: the 120 products
- * of SmolLM2 1.10x faster at one row, whole decode steps 1.17x at one to four rows.
+ * float16 scale plus a float16 minimum per 32 inputs) the way llama.cpp does on a CPU: the inputs
+ * rounded to 8 bits per group of 32 (Q8_1), multiplied by the 4-bit values in integers with
+ * AVX-512 VNNI, the outputs in the vector lanes: a block of 16 outputs is one vector of sums, so
+ * no horizontal additions, and the scales apply once per group. Up to 8 rows share one pass over
+ * the weight. Measured, the 120 products of SmolLM2 with nothing in cache: 2.4x faster than AMX
+ * bf16 at one row, 1.9x at 8, even at 16; against the float version of this kernel (the weights
+ * converted to float, times the bf16 inputs) 1.16x at one row, 1.69x at 4, 1.9x at 8.
  *
  * Built with cpu_kernels.c into one library by llmtree/engine/kernel_build.py; lt_amx_init() says
  * whether this CPU and kernel let the process use AMX, and the caller keeps oneDNN otherwise.

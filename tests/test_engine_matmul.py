@@ -1,4 +1,5 @@
-"""The AMX matrix products (``engine/cpu_matmul.c``) against PyTorch's.
+"""The AMX matrix products (``engine/cpu_matmul.c``) and the 8-bit and 4-bit ones
+(``engine/cpu_quant.c``) against PyTorch's.
 
 On a CPU with AMX (this project's CI machine has it) every dense weight of the bf16 forward is
 multiplied there: the products must equal float32 sums rounded once to bf16, for any number of
@@ -230,7 +231,7 @@ def q4_weight(out_features: int, in_features: int, seed: int) -> torch.Tensor:
 
 
 def unpack_q4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The weight ``packed`` holds, read in the order ``cpu_matmul.c`` documents."""
+    """The weight ``packed`` holds, read in the order ``cpu_quant.c`` documents."""
     groups, lanes = in_features // 32, native.Q4_LANES
     blocks = packed.view(out_features // lanes, groups, native.Q4_STRIDE)
     loads = blocks[..., : 16 * lanes].view(-1, groups, 4, lanes, 4).long()  # block, group, c, j, b
@@ -245,7 +246,7 @@ def unpack_q4(packed: torch.Tensor, out_features: int, in_features: int) -> torc
 def q8_1(x: torch.Tensor) -> torch.Tensor:
     """``x`` as the 4-bit product reads it: llama.cpp's Q8_1 blocks, per 32 inputs a scale
     ``max |x| / 127`` and integers ``x / scale`` rounded to the nearest (ties to even), in the
-    float32 steps of ``q8_quantize_rows`` in ``cpu_matmul.c``; returned as float64 values."""
+    float32 steps of ``q8_quantize_rows`` in ``cpu_quant.c``; returned as float64 values."""
     groups = x.float().reshape(x.shape[0], -1, 32)
     amax = groups.abs().amax(-1, keepdim=True)
     # a tensor divided (``127.0 / amax`` would multiply by a rounded reciprocal instead)

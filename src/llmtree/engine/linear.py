@@ -90,7 +90,7 @@ def to_q4(weight: torch.Tensor) -> torch.Tensor | None:
     Packed in blocks of ``Q4_LANES`` outputs; per block and group, ``Q4_STRIDE`` bytes: four
     times 64, byte ``4j + b`` of the ``c``-th holding inputs ``4c + b`` (low half) and
     ``16 + 4c + b`` (high half) of output ``j``, then the outputs' scales, then their minimums
-    (the layout ``cpu_matmul.c`` documents)."""
+    (the layout ``cpu_quant.c`` documents)."""
     out_features, in_features = weight.shape
     if (
         in_features % Q4_GROUP

@@ -1,4 +1,5 @@
-"""The fused CPU kernels of ``cpu_kernels.c`` and ``cpu_matmul.c``, called through ctypes.
+"""The fused CPU kernels (``cpu_kernels.c``, ``cpu_matmul.c``, ``cpu_quant.c``, ``cpu_layers.c``),
+called through ctypes.
 
 ``load()`` has ``kernel_build.build`` compile them once per machine and returns ``CpuKernels``,
 or None when there is no compiler or the build fails; the forward then keeps its PyTorch path.

@@ -128,6 +128,33 @@ def read_status_mb(pid: int | str, field: str) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int | str) -> float | None:
+    """User plus system CPU time a process has used so far, in seconds (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """CPU seconds each named process (``"self"`` for this one) used while the block ran."""
+
+    def __init__(self, pids: dict[str, int | str]) -> None:
+        self.pids = pids
+        self.used: dict[str, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, pid in self.pids.items():
+            before, after = self._before.get(name), cpu_seconds(pid)
+            if before is not None and after is not None:
+                self.used[name] = round(after - before, 2)
+
+
 class RssSampler:
     """Samples a process's resident memory every ``interval_s`` on a thread; keeps the peak."""
 

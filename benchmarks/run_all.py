@@ -27,7 +27,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from common import BENCH_DIR, REPO, RssSampler, machine_info, now_iso, read_status_mb
+from common import BENCH_DIR, REPO, CpuMeter, RssSampler, machine_info, now_iso, read_status_mb
 from procs import Proc, base_env, find_child, free_port, http_ok, wait_for
 from tree_case import run_tree
 from writeup import CASE_NAMES, Report, render
@@ -96,8 +96,16 @@ def levels(
     return result
 
 
-def drive(url: str, todo: list[Level], rss_pid: int | None, tag: str) -> list[LevelSummary]:
-    """The load generator against ``url``, level after level (warmed up first)."""
+def drive(
+    url: str,
+    todo: list[Level],
+    rss_pid: int | None,
+    tag: str,
+    cpu_pids: dict[str, int | str] | None = None,
+) -> list[LevelSummary]:
+    """The load generator against ``url``, level after level (warmed up first). With
+    ``cpu_pids``, each level records the CPU seconds those processes used (``extra["cpu_s"]``;
+    ``"self"`` is this process, the load generator)."""
 
     async def go() -> list[LevelSummary]:
         async with make_client(600.0) as client:
@@ -107,10 +115,15 @@ def drive(url: str, todo: list[Level], rss_pid: int | None, tag: str) -> list[Le
             await run_level(target, Level(warm, concurrency=1))
             summaries = []
             for level in todo:
-                with RssSampler(rss_pid) if rss_pid else nullcontext() as rss:
+                with (
+                    RssSampler(rss_pid) if rss_pid else nullcontext() as rss,
+                    CpuMeter(cpu_pids or {}) as cpu,
+                ):
                     summary = await run_level(target, level)
                 if rss is not None:
                     summary.extra["worker_rss_peak_mb"] = round(rss.peak_mb, 1)
+                if cpu.used:
+                    summary.extra["cpu_s"] = cpu.used
                 counts = f"{summary.num_ok}/{summary.num_errors}/{summary.num_incomplete}"
                 tps = summary.output_tokens_per_s
                 log(f"{tag} {summary.label}: {tps:.1f} tok/s, ok/err/cut {counts}")
@@ -172,8 +185,14 @@ def case_b(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[Le
         wait_for(lambda: http_ok(url + "/readyz"), "the full stack", [up], 900)
         os.environ["LLMTREE_API_KEY"] = read_dev_key(Path(env["LLMTREE_VAR_DIR"])) or ""
         worker = find_child(up.pid, "--name", "worker-1")
+        found = {
+            "worker": worker,
+            "root": find_child(up.pid, "--name", "root"),
+            "gateway": find_child(up.pid, "gateway"),
+        }
+        pids: dict[str, int | str] = {name: pid for name, pid in found.items() if pid}
         todo = levels(args, args.concurrency, args.output_tokens, args.requests)
-        summaries = drive(url, todo, worker, "(b)")
+        summaries = drive(url, todo, worker, "(b)", {**pids, "load generator": "self"})
         if worker and summaries:
             summaries[-1].extra["worker_rss_hwm_mb"] = read_status_mb(worker, "VmHWM")
         return summaries

@@ -107,6 +107,10 @@ def targets(report: Report) -> list[tuple[str, ...]]:
             costs.append((summary.concurrency, 1 - ratio))
     cost32 = dict(costs).get(32)
     shown = ", ".join(f"{cost * 100:+.1f} % at c={c}" for c, cost in costs) or "not measured"
+    per = cpu_per_token(top32) if (top32 := _at(full, 32)) else {}
+    if len(per) == len(CPU_ROLES):
+        share = (per["root"] + per["gateway"]) / sum(per.values())
+        shown += f" (their CPU at c=32: {share * 100:.1f} % of all, see below)"
     verdict = _verdict(None if cost32 is None else cost32 < 0.05)
     rows.append(
         ("gateway + root cost < 5 % of engine-alone tok/s (judged at c=32)", shown, verdict)
@@ -176,7 +180,8 @@ def render(report: Report) -> str:
     ]
     rows = [(CASE_NAMES[k], x) for k in CASE_NAMES for x in report.cases.get(k, [])]
     lines += [markdown_table(rows) if rows else "_no case was run_", ""]
-    lines += _ratios(report) + _targets(report) + _tree(report) + _failures(report)
+    lines += _ratios(report) + _targets(report) + _cpu(report) + _tree(report)
+    lines += _failures(report)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -210,6 +215,41 @@ def _targets(report: Report) -> list[str]:
             "",
             f"Worker peak RSS over its whole life (VmHWM, loading included): {hwm:.0f} MiB.",
         ]
+    return [*lines, ""]
+
+
+CPU_ROLES = ("worker", "root", "gateway", "load generator")
+
+
+def cpu_per_token(summary: LevelSummary) -> dict[str, float]:
+    """Milliseconds of CPU per output token each process of the full stack used in a level."""
+    used = summary.extra.get("cpu_s") or {}
+    if not summary.output_tokens:
+        return {}
+    return {role: used[role] * 1000 / summary.output_tokens for role in CPU_ROLES if role in used}
+
+
+def _cpu(report: Report) -> list[str]:
+    rows = [(s, cpu_per_token(s)) for s in report.cases.get("b") or []]
+    rows = [(s, per) for s, per in rows if len(per) == len(CPU_ROLES)]
+    if not rows:
+        return []
+    lines = [
+        "## Where the full stack's CPU goes",
+        "",
+        "CPU time (user + system, from `/proc/<pid>/stat`) each process of case (b) used during "
+        "a level, per output token. The machine has two cores for all of them: what the root, "
+        "the gateway and the load generator use is not there for the engine, so this is the "
+        "cost behind (b)/(a).",
+        "",
+        "| level | worker ms | root ms | gateway ms | load generator ms "
+        "| gateway + root, share of all |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for summary, per in rows:
+        share = (per["root"] + per["gateway"]) / sum(per.values())
+        cells = " | ".join(f"{per[role]:.3f}" for role in CPU_ROLES)
+        lines.append(f"| {summary.label} | {cells} | {share * 100:.1f} % |")
     return [*lines, ""]
 
 

@@ -28,8 +28,15 @@ MACHINE = {
 SETTINGS = {"prompt": "32", "output": "128", "requests": "4×C", "duration": "60", "batches": "2"}
 
 
-def level(c: int, tps: float, ttft_ms: float = 100.0, **extra: object) -> LevelSummary:
+CPU_S = {"worker": 36.0, "root": 1.0, "gateway": 2.0, "load generator": 1.0}
+"""CPU seconds of one full-stack level: gateway + root 3 of 40."""
+
+
+def level(
+    c: int, tps: float, ttft_ms: float = 100.0, output_tokens: int = 0, **extra: object
+) -> LevelSummary:
     summary = LevelSummary(label=f"c={c}", concurrency=c, num_ok=4, output_tokens_per_s=tps)
+    summary.output_tokens = output_tokens
     summary.ttft = Dist(count=4, mean=ttft_ms / 1000, p50=ttft_ms / 1000, p90=0.2, p99=0.3)
     summary.tpot = Dist(count=4, mean=0.012, p50=0.012, p90=0.014, p99=0.015)
     summary.extra.update(extra)
@@ -40,7 +47,11 @@ def report() -> Report:
     result = Report("make bench", "today", MACHINE, "bfloat16", SETTINGS)
     result.cases = {
         "a": [level(1, 80), level(32, 1000), level(64, 1100)],
-        "b": [level(1, 78), level(32, 980), level(64, 1050, worker_rss_peak_mb=900.0)],
+        "b": [
+            level(1, 78),
+            level(32, 980, cpu_s=CPU_S, output_tokens=20000),
+            level(64, 1050, worker_rss_peak_mb=900.0),
+        ],
         "c": [level(1, 20), level(32, 20), level(64, 20)],
         "d": [level(1, 60), level(32, 500)],
     }
@@ -61,6 +72,7 @@ def test_targets_are_judged_from_the_numbers() -> None:
     assert tree == ("+1.00 ms at 2 levels, +1.00 ms at 3 levels", "met")
     cost = next(v for k, v in verdicts.items() if k.startswith("gateway + root cost"))
     assert cost[0].startswith("+2.5 % at c=1") and cost[1] == "met"
+    assert cost[0].endswith("(their CPU at c=32: 7.5 % of all, see below)")
     rss = next(v for k, v in verdicts.items() if k.startswith("worker RSS"))
     assert rss == ("900 MiB", "met")
 
@@ -72,6 +84,9 @@ def test_render_has_every_section() -> None:
     assert "| 32 | 49.00× | 1.96× | 0.98× |" in page
     assert "| 64 | 52.50× | not measured | 0.95× |" in page
     assert "RuntimeError: it died: … ValueError: why" in page
+    # CPU per output token: 36 s of the worker for 20,000 tokens is 1.8 ms
+    assert "## Where the full stack's CPU goes" in page
+    assert "| c=32 | 1.800 | 0.050 | 0.100 | 0.050 | 7.5 % |" in page
 
 
 def test_render_of_nothing_says_not_measured() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -128,6 +129,56 @@ def test_a_silent_server_times_out() -> None:
 
     with pytest.raises(TimeoutError):
         asyncio.run(run())
+
+
+def trickle(gap_s: float, count: int, then_stall: bool) -> Handler:
+    """A chunked event stream: ``count`` events ``gap_s`` apart, then the end (or silence)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)  # the body, b"{}"
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for index in range(count):
+            line = b"data: %d\n" % index
+            writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+            await writer.drain()
+            await asyncio.sleep(gap_s)
+        if then_stall:
+            await asyncio.sleep(5)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return handle
+
+
+def read_lines(handler: Handler, timeout_s: float) -> list[bytes]:
+    async def run() -> list[bytes]:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            response = await open_stream(f"http://127.0.0.1:{port}/x", b"{}", {}, timeout_s)
+            try:
+                return [line async for _, line in response.lines()]
+            finally:
+                await response.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    return asyncio.run(run())
+
+
+def test_a_stream_that_keeps_coming_outlives_its_timeout() -> None:
+    """The limit is on the gap between reads, not on the whole answer."""
+    assert read_lines(trickle(0.1, 6, then_stall=False), 0.3) == [b"data: %d" % i for i in range(6)]
+
+
+def test_a_stream_that_stalls_times_out() -> None:
+    started = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        read_lines(trickle(0.0, 2, then_stall=True), 0.3)
+    assert time.perf_counter() - started < 3
 
 
 def test_only_http_urls() -> None:

@@ -8,8 +8,10 @@ body straight from the socket and splits lines, a few tens. It does exactly one 
 connection (``Connection: close``): a loopback connect costs far less than one token.
 
 ``open_stream`` returns the status line and headers; ``lines()`` then yields each line of the
-body with the time its bytes arrived, ``body()`` reads a whole (error) body. Every read is bounded
-by ``timeout_s``; failures raise ``StreamError`` (or OSError / TimeoutError from the socket).
+body with the time its bytes arrived, ``body()`` reads a whole (error) body. The head must come
+within ``timeout_s``, and then no gap between two reads may be longer: one timer per response
+checks that (re-armed only when it fires), not a timeout around every read, which cost as much
+as the rest of a chunk's handling. Failures raise ``StreamError`` (or OSError / TimeoutError).
 """
 
 from __future__ import annotations
@@ -45,14 +47,47 @@ class StreamResponse:
         self._reader = reader
         self._writer = writer
         self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._last_read = self._loop.time()
+        self._stalled = False
+        self._watchdog = self._loop.call_later(timeout_s, self._watch)
+
+    def _watch(self) -> None:
+        """The stall timer: after ``timeout_s`` without data, cut the connection."""
+        quiet = self._loop.time() - self._last_read
+        if quiet >= self._timeout_s:
+            self._stalled = True
+            self._writer.transport.abort()  # the pending read ends at once
+        else:
+            self._watchdog = self._loop.call_later(self._timeout_s - quiet, self._watch)
+
+    def _check_stall(self) -> None:
+        if self._stalled:
+            raise TimeoutError(f"no data from the server for {self._timeout_s:g} s")
 
     async def _read(self, count: int) -> bytes:
-        async with asyncio.timeout(self._timeout_s):
-            return await self._reader.readexactly(count)
+        try:
+            data = await self._reader.readexactly(count)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self._check_stall()
+            raise
+        self._last_read = self._loop.time()
+        return data
 
     async def _readline(self) -> bytes:
-        async with asyncio.timeout(self._timeout_s):
-            return await self._reader.readuntil(b"\n")
+        try:
+            data = await self._reader.readuntil(b"\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self._check_stall()
+            raise
+        self._last_read = self._loop.time()
+        return data
+
+    async def _read_some(self, limit: int) -> bytes:
+        data = await self._reader.read(limit)
+        self._check_stall()
+        self._last_read = self._loop.time()
+        return data
 
     async def chunks(self) -> AsyncIterator[tuple[float, bytes]]:
         """The body in the pieces it arrives in, each with its arrival time."""
@@ -72,16 +107,14 @@ class StreamResponse:
         elif "content-length" in self.headers:
             left = int(self.headers["content-length"])
             while left > 0:
-                async with asyncio.timeout(self._timeout_s):
-                    data = await self._reader.read(min(left, 65536))
+                data = await self._read_some(min(left, 65536))
                 if not data:
                     raise StreamError("the connection closed before the end of the body")
                 left -= len(data)
                 yield time.perf_counter(), data
         else:
             while True:
-                async with asyncio.timeout(self._timeout_s):
-                    data = await self._reader.read(65536)
+                data = await self._read_some(65536)
                 if not data:
                     return
                 yield time.perf_counter(), data
@@ -112,6 +145,7 @@ class StreamResponse:
         return b"".join(parts)[:limit]
 
     async def close(self) -> None:
+        self._watchdog.cancel()
         self._writer.close()
         with contextlib.suppress(OSError, ssl.SSLError):
             await self._writer.wait_closed()

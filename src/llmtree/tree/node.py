@@ -3,14 +3,9 @@
 One shared instance per process (``instance_mode="single"``), called concurrently from Pyro5's
 worker threads, so all state sits behind one lock and no lock is held across a network call.
 
-Roles: the root only forwards, keeps the in-flight table (``failover.FlightTable``: sink, serving
-node, answer so far) and passes the events the serving nodes deliver to the gateway's sink; it
-re-submits a request whose serving node is lost. A worker serves with its engine while it has a
-free slot, else forwards round robin to its children, else queues.
-
-Children: a child is in the round robin while the directory names this node as its parent or it
-attached itself within the last TTL. A child that cannot be reached is dropped and stays out
-until it attaches itself again (it does on every heartbeat while it lives).
+Roles: the root only forwards, and what becomes of a request once placed (events to the sink,
+cancel, failover) is its ``relay.RootRelay``. A worker serves with its engine while it has a free
+slot, else forwards round robin to its children (``children.Children``), else queues.
 """
 
 from __future__ import annotations
@@ -26,19 +21,14 @@ from typing import Any, Protocol
 import Pyro5.api
 
 from llmtree.config import Settings
-from llmtree.errors import (
-    InvalidRequest,
-    LlmTreeError,
-    NodeUnavailable,
-    Overloaded,
-    RegistryError,
-    UnknownNode,
-)
+from llmtree.errors import InvalidRequest, NodeUnavailable, Overloaded
 from llmtree.protocol import GenerateRequest, is_valid_event, pack_events, unpack_events
+from llmtree.tree.children import Children, Directory
 from llmtree.tree.client import Peers
 from llmtree.tree.failover import FlightTable
 from llmtree.tree.loads import ChildLoads, parse_report
 from llmtree.tree.outbox import Outbox
+from llmtree.tree.relay import RootRelay
 from llmtree.tree.routing import Snapshot, plan
 
 logger = logging.getLogger(__name__)
@@ -59,13 +49,6 @@ class EngineLike(Protocol):
     def model_name(self) -> str: ...
     def submit(self, request: GenerateRequest) -> int: ...
     def cancel(self, request_id: str) -> bool: ...
-
-
-class Directory(Protocol):
-    """What a node needs from the registry: look names up."""
-
-    def lookup(self, name: str) -> Any: ...
-    def children(self, name: str) -> list[Any]: ...
 
 
 @Pyro5.api.behavior(instance_mode="single")
@@ -93,25 +76,18 @@ class TreeNode:
         self._on_parent_changed = on_parent_changed
         self._peers = Peers(settings.call_timeout_s)
         self._lock = threading.Lock()
-        self._children: list[str] = []
-        self._uris: dict[str, str] = {}
+        self._children = Children(directory, settings.node_ttl_s)
         self._next_child = 0
         self._reserved = 0
         self._served = 0
         self._serving: dict[str, str] = {}
-        self._attached_at: dict[str, float] = {}
-        self._dropped: set[str] = set()
+        self._relay: RootRelay | None = None
         self._flights: FlightTable | None = None
         if engine is None:
-            self._flights = FlightTable(
-                settings,
-                name,
-                place=self._place_again,
-                probe=self._probe,
-                send=self._send_to_sink,
-                lost=self._node_lost,
-                cancel_on=self._cancel_on,
+            self._relay = RootRelay(
+                settings, name, self._peers, self._children, self._place_again, self._drop_child
             )
+            self._flights = self._relay.flights
         self._loads = ChildLoads(settings.node_ttl_s)
         self._rng = random.Random()
         self._draining = False
@@ -177,7 +153,7 @@ class TreeNode:
         with self._lock:
             engine = self._engine
             policy = self._settings.policy
-            children = tuple(self._children)
+            children = tuple(self._children.names())
             if draining := self._loads.draining(children):
                 children = tuple(c for c in children if c not in draining)
             running, waiting = self._occupancy()
@@ -205,7 +181,7 @@ class TreeNode:
         if decision.serve:
             return self._serve(req, reserved=True)
         for child in decision.forward_to:
-            uri = self._uri_of(child)
+            uri = self._children.uri_of(child)
             if uri is None:
                 continue
             try:
@@ -285,80 +261,21 @@ class TreeNode:
     @Pyro5.api.expose
     def deliver(self, packed: str | list[dict[str, Any]]) -> int:
         """Root only: events from a serving node (a JSON array, see ``pack_events``), passed on
-        to the sinks; returns how many."""
-        if not self.is_root:
+        to the sinks (``relay.RootRelay``); returns how many."""
+        if self._relay is None:
             raise InvalidRequest(f"{self._name} is not a root; deliver events to the root")
         events = unpack_events(packed)
-        assert self._flights is not None
-        by_sink, orphans = self._flights.deliver(
-            [e for e in events[:MAX_EVENTS_PER_CALL] if is_valid_event(e)]
-        )
-        if orphans:  # e.g. a node that was cut off and came back: its work is not wanted
-            logger.info("cancelling %d orphaned requests", len(orphans))
-            self._cancel_async(list(orphans))
-        for sink, batch in by_sink.items():
-            try:
-                self._peers.call(sink, "deliver", pack_events(batch))
-            except NodeUnavailable as error:
-                logger.warning("sink %s unavailable, cancelling its requests: %s", sink, error)
-                self._cancel_async(self._flights.abandon_sink(sink))
-        return sum(len(batch) for batch in by_sink.values())
+        return self._relay.deliver([e for e in events[:MAX_EVENTS_PER_CALL] if is_valid_event(e)])
 
     @Pyro5.api.expose
     def cancel(self, request_id: str) -> bool:
         """Stop a request: the root finds the serving node; that node frees the slot at once."""
         if not isinstance(request_id, str):
             raise InvalidRequest("request_id must be a string", param="request_id")
-        if not self.is_root:
-            assert self._engine is not None
-            return self._engine.cancel(request_id)
-        assert self._flights is not None
-        node = self._flights.cancel(request_id)
-        if node is None:
-            return False  # unknown, or being placed: it is cancelled once placed
-        return self._cancel_on(node, request_id)
-
-    def _cancel_on(self, node: str, request_id: str) -> bool:
-        uri = self._uri_of(node)
-        if uri is None:
-            return False
-        try:
-            return bool(self._peers.call(uri, "cancel", request_id))
-        except NodeUnavailable as error:
-            logger.warning("cancel %s: serving node %s unavailable: %s", request_id, node, error)
-            return False
-
-    def _cancel_async(self, targets: list[tuple[str | None, str]]) -> None:
-        """Cancels each (node, request_id) from a thread of its own (None: not placed yet; the
-        flight is marked cancelled and is cancelled once placed)."""
-
-        def run() -> None:
-            for node, rid in targets:
-                if node is not None:
-                    self._cancel_on(node, rid)
-            self._peers.close()
-
-        if any(node is not None for node, _ in targets):
-            threading.Thread(target=run, name="cancel", daemon=True).start()
-
-    # -- failover (root) ---------------------------------------------------------------------
-    def _probe(self, node: str, request_ids: list[str]) -> list[str]:
-        """Which of ``request_ids`` ``node`` still holds; NodeUnavailable if it is gone."""
-        try:
-            uri = self._uri_of(node)
-        except LlmTreeError as error:
-            raise NodeUnavailable(f"cannot find {node}: {error}") from error
-        if uri is None:
-            raise NodeUnavailable(f"{node} is no longer in the directory")
-        held = self._peers.call(uri, "holds", request_ids)
-        return [rid for rid in held if isinstance(rid, str)] if isinstance(held, list) else []
-
-    def _send_to_sink(self, sink: str, events: list[dict[str, Any]]) -> None:
-        self._peers.call(sink, "deliver", events)
-
-    def _node_lost(self, node: str) -> None:
-        """A serving node is gone: out of the round robin, and its URI looked up afresh."""
-        self._drop_child(node)
+        if self._relay is not None:
+            return self._relay.cancel(request_id)
+        assert self._engine is not None
+        return self._engine.cancel(request_id)
 
     @Pyro5.api.expose
     def holds(self, request_ids: list[str]) -> list[str]:
@@ -369,19 +286,6 @@ class TreeNode:
             return [rid for rid in request_ids[:MAX_EVENTS_PER_CALL] if rid in self._serving]
 
     # -- the tree's shape -------------------------------------------------------------------
-    def _uri_of(self, name: str) -> str | None:
-        with self._lock:
-            uri = self._uris.get(name)
-        if uri is not None:
-            return uri
-        try:
-            uri = str(self._directory.lookup(name).uri)
-        except UnknownNode:
-            return None
-        with self._lock:
-            self._uris[name] = uri
-        return uri
-
     @Pyro5.api.expose
     def attach_child(self, name: str, report: dict[str, Any] | None = None) -> dict[str, Any]:
         """Called by a node that names this one as its parent; it must be in the directory.
@@ -391,46 +295,24 @@ class TreeNode:
         if not isinstance(name, str) or name == self._name:
             raise InvalidRequest("a node cannot be its own child", param="name")
         parsed = parse_report(report) if report is not None else None
-        try:
-            uri = str(self._directory.lookup(name).uri)
-        except UnknownNode:
-            raise
-        except RegistryError:  # directory down: a child known already may stay
+        self._children.attach(name)
+        if parsed is not None:
             with self._lock:
-                known = self._uris.get(name)
-            if known is None:
-                raise
-            uri = known
-        with self._lock:
-            self._uris[name] = uri
-            self._attached_at[name] = time.monotonic()
-            self._dropped.discard(name)
-            if parsed is not None:
                 self._loads.report(name, parsed)
-            if name not in self._children:
-                self._children = sorted([*self._children, name])
-                logger.info("child %s attached (%s)", name, uri)
         return {"parent": self._name, "root": self.is_root, "grandparent": self._parent}
 
     @Pyro5.api.expose
     def detach_child(self, name: str) -> bool:
         """Called by a child that leaves or moves, or by this node when a child is gone."""
         with self._lock:
-            self._uris.pop(name, None)
-            self._attached_at.pop(name, None)
             self._loads.forget(name)
-            if name in self._children:
-                self._children.remove(name)
-                logger.info("child %s detached", name)
-                return True
-        return False
+        return self._children.detach(name)
 
     def _drop_child(self, name: str) -> None:
         """``name`` cannot be reached: out until it attaches itself again."""
         with self._lock:
-            if name in self._children or name in self._attached_at:
-                self._dropped.add(name)
-        self.detach_child(name)
+            self._loads.forget(name)
+        self._children.drop(name)
 
     def adopt_parent(self, name: str) -> None:
         """The owning process moved this node under ``name`` (tree repair)."""
@@ -455,24 +337,17 @@ class TreeNode:
         if self._on_parent_changed is not None:
             self._on_parent_changed(name)
         self._peers.call(str(record.uri), "attach_child", self._name)
-        if old and old != name and (old_uri := self._uri_of(old)):
+        if old and old != name and (old_uri := self._children.uri_of(old)):
             with contextlib.suppress(NodeUnavailable):
                 self._peers.call(old_uri, "detach_child", self._name)
         logger.info("moved from parent %s to %s", old, name)
         return {"parent": name, "previous": old}
 
     def refresh_children(self, names: list[str]) -> None:
-        """Heartbeat: the directory's view of this node's children (sorted: a stable order)."""
-        now = time.monotonic()
+        """Heartbeat: the directory's view of this node's children."""
         with self._lock:
-            ttl = self._settings.node_ttl_s
-            recent = {n for n, at in self._attached_at.items() if now - at < ttl}
-            for stale in set(self._attached_at) - recent:
-                del self._attached_at[stale]
-            self._children = sorted((set(names) | recent) - self._dropped)
-            for gone in set(self._uris) - set(self._children):
-                if gone not in self._serving.values():
-                    self._uris.pop(gone, None)
+            keep = set(self._serving.values())
+        self._children.refresh(names, keep)
 
     # -- elasticity -------------------------------------------------------------------------
     @Pyro5.api.expose
@@ -500,8 +375,7 @@ class TreeNode:
             return self._held()
 
     def children_now(self) -> list[str]:
-        with self._lock:
-            return list(self._children)
+        return self._children.names()
 
     def load_report(self) -> dict[str, Any]:
         """This subtree's load, for the parent (sent with ``attach_child``)."""
@@ -509,7 +383,7 @@ class TreeNode:
             engine = self._engine
             capacity = (engine.slots + self._settings.max_queue) if engine else 0
             return self._loads.subtree(
-                tuple(self._children), sum(self._occupancy()), capacity, self._draining
+                tuple(self._children.names()), sum(self._occupancy()), capacity, self._draining
             )
 
     # -- introspection ----------------------------------------------------------------------
@@ -526,7 +400,7 @@ class TreeNode:
                 "name": self._name,
                 "root": engine is None,
                 "parent": self._parent,
-                "children": list(self._children),
+                "children": self._children.names(),
                 "slots": engine.slots if engine else 0,
                 "running": engine.num_running if engine else 0,
                 "queued": engine.num_waiting if engine else 0,

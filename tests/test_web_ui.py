@@ -589,9 +589,10 @@ def test_xss_strings_stay_inert(stack: Stack, browser: Any) -> None:
     page, watch = open_page(browser, stack)
     register_and_login(page, f"xss_{uuid.uuid4().hex[:6]}")
     set_temperature(page, "0")
-    # as user text, and as model output: the model is asked to write them back
+    # as user text, and as model output: the model is asked to write markup back (a prompt
+    # this model answers with a <script> element on the fused kernels and the PyTorch path)
     ask(page, XSS_USER, 1)
-    ask(page, "Write this HTML: <script>alert(1)</script>", 2)
+    ask(page, "Show me an HTML example with <script>alert(1)</script> in it.", 2)
     cid = chat_id(page)
     stored = api_get(page, f"/api/chats/{cid}").json()["messages"]
     assert stored[0]["content"] == XSS_USER

@@ -156,10 +156,8 @@ def render(report: Report) -> str:
         "* **(a) engine alone**: `benchmarks/engine_alone.py` drives `llmtree.engine.Engine` "
         "in-process (no HTTP, no Pyro5); a chunk is an engine step's event for a request.",
         "* **(a0) engine alone, PyTorch path**: the same with `LLMTREE_NATIVE_KERNELS=0`: "
-        "the forward without the fused CPU kernels (`src/llmtree/engine/cpu_kernels.c`, "
-        "`cpu_matmul.c`, `cpu_quant.c`): PyTorch operators, oneDNN for the matrix products; "
-        "(a)/(a0) is what "
-        "the kernels bring.",
+        "the forward without the fused CPU kernels (`src/llmtree/engine/cpu_*.c`): PyTorch "
+        "operators, oneDNN for the matrix products; (a)/(a0) is what the kernels bring.",
         "* **(b) full stack**: `llmtree up --workers 1` (slapd, root, one worker, gateway) as "
         "separate processes; load through the gateway's `/v1/chat/completions` (SSE) with the "
         "`llmtree bench` load generator (`src/llmtree/bench/`).",

@@ -1,4 +1,5 @@
-"""The fused CPU kernels (``engine/cpu_kernels.c``) against the PyTorch code they replace.
+"""The fused CPU kernels (``engine/cpu_kernels.c``, ``cpu_attention.c``) against the PyTorch code
+they replace.
 
 The element-wise kernels must give bit-identical bf16 results (they round where PyTorch rounds);
 the attention kernel must agree with float32 SDPA to bf16 precision, for decode rows and prompt

@@ -4,9 +4,9 @@
  * A decode step of SmolLM2-135M makes about 240 kernel calls; from Python each costs a ctypes
  * call and the Python around it (a few microseconds each, about 2 ms of a 13 ms one-row step).
  * Here the same kernels run in the same order on the same buffers, so the result is the Python
- * loop's, bit for bit. Built with cpu_kernels.c, cpu_matmul.c and cpu_quant.c into one library
- * (kernel_build.py); driven by native_layers.py, which only uses it where every product of every
- * layer has its AMX form (and its 4-bit form when a step asks for it) and no bias.
+ * loop's, bit for bit. Built with the other kernels into one library (kernel_build.py); driven
+ * by native_layers.py, which only uses it where every product of every layer has its AMX form
+ * (and its 4-bit form when a step asks for it) and no bias.
  */
 
 #include <stdint.h>

@@ -1,10 +1,11 @@
 """Building the fused CPU kernels: once per machine, into a private cache folder.
 
-``build()`` compiles ``cpu_kernels.c``, ``cpu_matmul.c``, ``cpu_quant.c`` and ``cpu_layers.c``
-(with ``cpu_work.h``) using the system C compiler (``cc -O3 -march=native -fopenmp``) into a
-folder keyed by the sources, the flags, the compiler, the CPU and torch's version, and returns the
-library's path (None without a compiler or when the build fails). The compile takes about a
-second (``python -m llmtree.engine`` does it ahead of time); ``native.load`` loads what it built.
+``build()`` compiles ``cpu_kernels.c``, ``cpu_attention.c``, ``cpu_matmul.c``, ``cpu_quant.c``
+and ``cpu_layers.c`` (with their headers) using the system C compiler (``cc -O3 -march=native
+-fopenmp``) into a folder keyed by the sources, the flags, the compiler, the CPU and torch's
+version, and returns the library's path (None without a compiler or when the build fails). The
+compile takes about a second (``python -m llmtree.engine`` does it ahead of time); ``native.load``
+loads what it built.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ logger = logging.getLogger(__name__)
 
 SOURCES = (
     Path(__file__).with_name("cpu_kernels.c"),
+    Path(__file__).with_name("cpu_attention.c"),
     Path(__file__).with_name("cpu_matmul.c"),
     Path(__file__).with_name("cpu_quant.c"),
     Path(__file__).with_name("cpu_layers.c"),
 )
-HEADERS = (Path(__file__).with_name("cpu_work.h"),)
+HEADERS = (Path(__file__).with_name("cpu_bf16.h"), Path(__file__).with_name("cpu_work.h"))
 """Included by the sources: part of what a built library is keyed by."""
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
 

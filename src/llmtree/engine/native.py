@@ -1,5 +1,5 @@
-"""The fused CPU kernels (``cpu_kernels.c``, ``cpu_matmul.c``, ``cpu_quant.c``, ``cpu_layers.c``),
-called through ctypes.
+"""The fused CPU kernels (``cpu_kernels.c``, ``cpu_attention.c``, ``cpu_matmul.c``,
+``cpu_quant.c``, ``cpu_layers.c``), called through ctypes.
 
 ``load()`` has ``kernel_build.build`` compile them once per machine and returns ``CpuKernels``,
 or None when there is no compiler or the build fails; the forward then keeps its PyTorch path.
@@ -25,7 +25,7 @@ from llmtree.engine import kernel_build
 logger = logging.getLogger(__name__)
 
 KEY_BLOCK = 16
-"""Positions per block of the key cache layout of ``cpu_kernels.c``; the cache's length is a
+"""Positions per block of the key cache layout of ``cpu_attention.c``; the cache's length is a
 multiple of it."""
 _lock = threading.Lock()
 _loaded: dict[str, CpuKernels | None] = {}

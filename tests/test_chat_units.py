@@ -11,7 +11,7 @@ import pytest
 from llmtree.config import Settings
 from llmtree.errors import ConfigError
 from llmtree.gateway.auth import LoginLimiter, key_hash, new_api_key, session_secret
-from llmtree.gateway.turn import clean_title, estimate_tokens, fallback_title, fit_history
+from llmtree.gateway.prompting import clean_title, estimate_tokens, fallback_title, fit_history
 
 
 def history(*pairs: tuple[str, str]) -> list[dict[str, str]]:

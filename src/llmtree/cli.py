@@ -159,31 +159,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_ldap(args: argparse.Namespace) -> int:
-    from llmtree.slapd import PrivateSlapd
+    from llmtree.ldap_cli import run_ldap
 
-    settings = make_settings(args)
-    if args.action == "serve":  # foreground, for a container (see llmtree.ldap_serve)
-        from llmtree.ldap_serve import serve
-
-        return serve(settings)
-    slapd = PrivateSlapd(settings)
-    if args.action == "init":
-        slapd.init(force=args.force)
-        print(f"initialised {settings.ldap_data_dir} (base {settings.ldap_base})")
-    elif args.action == "start":
-        if not slapd.is_initialized():
-            slapd.init()
-            print(f"initialised {settings.ldap_data_dir}")
-        pid = slapd.start()
-        print(f"slapd running at {settings.ldap_url} (pid {pid})")
-    elif args.action == "stop":
-        print("slapd stopped" if slapd.stop() else "slapd was not running")
-    else:
-        running = slapd.pid() if slapd.is_running() else None
-        print(
-            f"slapd running at {settings.ldap_url} (pid {running})" if running else "slapd stopped"
-        )
-    return 0
+    return run_ldap(args, make_settings(args))
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ from starlette.types import Receive, Scope, Send
 from llmtree.gateway.accounts import parse_body
 from llmtree.gateway.auth import Auth
 from llmtree.gateway.db.models import Chat, Message, User, utcnow
+from llmtree.gateway.prompting import DEFAULT_TITLE
 from llmtree.gateway.turn import (
-    DEFAULT_TITLE,
     MAX_CONTENT_CHARS,
     ChatServices,
     Turn,

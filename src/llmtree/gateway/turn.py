@@ -29,8 +29,9 @@ from llmtree.gateway.chat import ChatContext
 from llmtree.gateway.db import Database
 from llmtree.gateway.db.models import Chat, Message, User, utcnow
 from llmtree.gateway.limits import Admission, RateLimited
+from llmtree.gateway.prompting import DEFAULT_TITLE, clean_title, fallback_title, fit_history
 from llmtree.gateway.sink import RequestStream
-from llmtree.protocol import MAX_MESSAGES, GenerateRequest, SamplingParams
+from llmtree.protocol import GenerateRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ MAX_CONTENT_CHARS = 32_000
 CHAT_MAX_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.7
 FLUSH_EVERY_S = 0.5
-DEFAULT_TITLE = "New chat"
 TITLE_MAX_TOKENS = 16
 TITLE_TIMEOUT_S = 60.0
 SYSTEM_PROMPT = "You are a helpful, friendly assistant. Answer clearly and concisely."
@@ -64,47 +64,6 @@ class ChatServices:
     ctx: ChatContext
     db: Database
     max_model_len: int
-
-
-def estimate_tokens(text: str) -> int:
-    """A generous guess of a text's token count (real tokenizers use fewer)."""
-    return len(text.encode("utf-8", "replace")) // 3 + 8
-
-
-def fit_history(
-    history: list[dict[str, str]], budget: int, drop: int = 0
-) -> list[dict[str, str]] | None:
-    """System prompt + the newest turns within ``budget`` tokens, oldest dropped first, and
-    ``drop`` more beyond that; None when not even the newest message fits."""
-    system, turns = history[0], history[1:]
-    used = estimate_tokens(system["content"])
-    kept: list[dict[str, str]] = []
-    for message in reversed(turns):
-        cost = estimate_tokens(message["content"])
-        if used + cost > budget or len(kept) >= MAX_MESSAGES - 2:
-            break
-        kept.append(message)
-        used += cost
-    kept.reverse()
-    kept = kept[drop:]
-    while kept and kept[0]["role"] != "user":  # start on a question
-        kept.pop(0)
-    return [system, *kept] if kept else None
-
-
-def fallback_title(text: str) -> str:
-    words = text.split()
-    title = " ".join(words[:6])
-    if len(words) > 6:
-        title += "…"
-    return title[:80] or DEFAULT_TITLE
-
-
-def clean_title(text: str) -> str:
-    line = next((ln for ln in text.strip().splitlines() if ln.strip()), "")
-    line = re.sub(r"^(title\s*:\s*)", "", line.strip(), flags=re.IGNORECASE)
-    line = line.strip(" \"'`*#.").strip()
-    return line[:80]
 
 
 async def owned_chat(db: Database, user: User, chat_id: str) -> Chat:

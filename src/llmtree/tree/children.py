@@ -11,18 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Protocol
 
 from llmtree.errors import RegistryError, UnknownNode
+from llmtree.tree.ports import Directory
 
 logger = logging.getLogger(__name__)
-
-
-class Directory(Protocol):
-    """What a node needs from the registry: look names up."""
-
-    def lookup(self, name: str) -> Any: ...
-    def children(self, name: str) -> list[Any]: ...
 
 
 class Children:

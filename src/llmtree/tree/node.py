@@ -16,39 +16,25 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import Pyro5.api
 
 from llmtree.config import Settings
 from llmtree.errors import InvalidRequest, NodeUnavailable, Overloaded
 from llmtree.protocol import GenerateRequest, is_valid_event, pack_events, unpack_events
-from llmtree.tree.children import Children, Directory
+from llmtree.tree.children import Children
 from llmtree.tree.client import Peers
 from llmtree.tree.failover import FlightTable
 from llmtree.tree.loads import ChildLoads, parse_report
 from llmtree.tree.outbox import Outbox
+from llmtree.tree.ports import Directory, EngineLike
 from llmtree.tree.relay import RootRelay
 from llmtree.tree.routing import Snapshot, plan
 
 logger = logging.getLogger(__name__)
 
 MAX_EVENTS_PER_CALL = 10_000
-
-
-class EngineLike(Protocol):
-    """What a node needs from its engine (``llmtree.engine.engine.Engine``)."""
-
-    @property
-    def num_running(self) -> int: ...
-    @property
-    def num_waiting(self) -> int: ...
-    @property
-    def slots(self) -> int: ...
-    @property
-    def model_name(self) -> str: ...
-    def submit(self, request: GenerateRequest) -> int: ...
-    def cancel(self, request_id: str) -> bool: ...
 
 
 @Pyro5.api.behavior(instance_mode="single")

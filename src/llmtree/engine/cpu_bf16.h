@@ -1,5 +1,5 @@
-/* What the fused kernels share (cpu_kernels.c, cpu_attention.c): bf16 conversions with PyTorch's
- * rounding, a vectorisable exp, and when rows are shared between threads. */
+/* What every CPU kernel shares: bf16 conversions with PyTorch's rounding, a vectorisable exp,
+ * and from how many rows the fused kernels share rows between threads. */
 
 #ifndef LLMTREE_CPU_BF16_H
 #define LLMTREE_CPU_BF16_H

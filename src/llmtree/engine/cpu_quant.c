@@ -58,7 +58,7 @@ static inline void q8_output(const int8_t *row, const float *d, const float *xf,
             acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
         }
     }
-    for (int64_t r = 0; r < m; r++) out[r * ldo] = float_to_bf16(_mm512_reduce_add_ps(acc[r]));
+    for (int64_t r = 0; r < m; r++) out[r * ldo] = f2bf(_mm512_reduce_add_ps(acc[r]));
 #else
     for (int64_t r = 0; r < m; r++) {
         float acc = 0.0f;
@@ -68,7 +68,7 @@ static inline void q8_output(const int8_t *row, const float *d, const float *xf,
                 sum += (float)row[g * Q8_GROUP + i] * xf[r * k + g * Q8_GROUP + i];
             acc += sum * d[g];
         }
-        out[r * ldo] = float_to_bf16(acc);
+        out[r * ldo] = f2bf(acc);
     }
 #endif
 }
@@ -80,7 +80,7 @@ static inline void q8_output(const int8_t *row, const float *d, const float *xf,
 static void q8_rows(const bf16 *x, int64_t ldx, int64_t m, const int8_t *q, const float *scales,
                     int64_t n, int64_t k, bf16 *out, int64_t ldo, int num_threads, float *xf) {
     for (int64_t r = 0; r < m; r++)
-        for (int64_t i = 0; i < k; i++) xf[r * k + i] = bf16_to_float(x[r * ldx + i]);
+        for (int64_t i = 0; i < k; i++) xf[r * k + i] = bf2f(x[r * ldx + i]);
     int64_t blocks = (n + Q8_BLOCK - 1) / Q8_BLOCK;
     _Atomic uint64_t ranges[MAX_THREADS];
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
@@ -146,11 +146,11 @@ static void q8_quantize_rows(const bf16 *x, int64_t ldx, int64_t m, int64_t k, i
             int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
 #else
             float amax = 0.0f;
-            for (int i = 0; i < Q4_GROUP; i++) amax = fmaxf(amax, fabsf(bf16_to_float(in[i])));
+            for (int i = 0; i < Q4_GROUP; i++) amax = fmaxf(amax, fabsf(bf2f(in[i])));
             float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             int sum = 0;
             for (int i = 0; i < Q4_GROUP; i++) {
-                int v = (int)nearbyintf(bf16_to_float(in[i]) * inv);
+                int v = (int)nearbyintf(bf2f(in[i]) * inv);
                 q[i] = (int8_t)v;
                 sum += v;
             }
@@ -248,7 +248,7 @@ static void q4_block(const uint8_t *w, const int8_t *xq, const float *xd, const 
                 acc += (float)dot * (half_to_float(scale) * xd[r * groups + g]);
                 acc += half_to_float(minimum) * xs[r * groups + g];
             }
-            out[r * ldo + lane] = float_to_bf16(acc);
+            out[r * ldo + lane] = f2bf(acc);
         }
 }
 #endif

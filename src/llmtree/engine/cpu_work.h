@@ -1,31 +1,14 @@
-/* What the matrix products share (cpu_matmul.c, cpu_quant.c): bf16 conversions, and the blocks of
- * work a thread takes from its own range first and from another's when done. */
+/* What the matrix products share (cpu_matmul.c, cpu_quant.c): the blocks of work a thread takes
+ * from its own range first and from another's when done (and, from cpu_bf16.h, the bf16
+ * conversions every kernel uses). */
 
 #ifndef LLMTREE_CPU_WORK_H
 #define LLMTREE_CPU_WORK_H
 
-#include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-
-/* Rounds to the nearest bf16, ties to even (sums here are finite). */
-static inline bf16 float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (bf16)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-
-static inline float bf16_to_float(bf16 v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#include "cpu_bf16.h" /* bf16, bf2f, f2bf */
 
 #define MAX_THREADS 256
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from urllib.parse import urlsplit
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -66,17 +66,15 @@ class StreamResponse:
             raise TimeoutError(f"no data from the server for {self._timeout_s:g} s")
 
     async def _read(self, count: int) -> bytes:
-        try:
-            data = await self._reader.readexactly(count)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self._check_stall()
-            raise
-        self._last_read = self._loop.time()
-        return data
+        return await self._progress(self._reader.readexactly(count))
 
     async def _readline(self) -> bytes:
+        return await self._progress(self._reader.readuntil(b"\n"))
+
+    async def _progress(self, pending: Awaitable[bytes]) -> bytes:
+        """``pending``'s data, noted as progress; a read cut by the stall timer is a timeout."""
         try:
-            data = await self._reader.readuntil(b"\n")
+            data = await pending
         except (asyncio.IncompleteReadError, ConnectionError):
             self._check_stall()
             raise

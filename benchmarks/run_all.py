@@ -49,7 +49,7 @@ FULL = {
     "batches": 2,
     "tree_requests": 20,
     "tree_output_tokens": 32,
-    "tree_probes": 30,
+    "tree_probes": 200,
 }
 QUICK = {**FULL, "concurrency": "1,2", "output_tokens": 16, "duration": 20.0, "batches": 1}
 QUICK.update({"requests": 4, "tree_requests": 4, "tree_output_tokens": 8, "tree_probes": 10})
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tree-levels", default="1,2,3", help="forwarding levels above the serving worker")
     add("--tree-requests", type=int, help="requests per tree level, at c=1 (default 20)")
     add("--tree-output-tokens", type=int, help="tokens per tree request (default 32)")
-    add("--tree-probes", type=int, help="placement probes per tree level (default 30)")
+    add("--tree-probes", type=int, help="placement probes per tree level (default 200)")
     add("--seed", type=int, default=0)
     add("--out", type=Path, help="markdown to write (default docs/benchmarks.md)")
     add("--quick", action="store_true", help="smoke test: c=1,2, 16 tokens, few requests")

@@ -39,6 +39,7 @@ from llmtree.registry import Registry
 from llmtree.tree.client import Peers
 
 PY = sys.executable
+WARMUP_PROBES = 10
 Drive = Callable[[str, list[Level], int | None, str], list[LevelSummary]]
 
 
@@ -48,7 +49,7 @@ def run_tree(
     work: Path,
     env: dict[str, str],
     drive: Drive,
-    num_probes: int = 30,
+    num_probes: int = 200,
 ) -> list[tuple[int, LevelSummary]]:
     """``(depth, summary)`` for each depth; raises when a chain cannot be built."""
     settings = Settings(var_dir=Path(env["LLMTREE_VAR_DIR"]), ldap_url=env["LLMTREE_LDAP_URL"])
@@ -132,7 +133,10 @@ class Chain:
         return answer.status_code == 200 and answer.json().get("node", "worker") == "worker"
 
     def _placement(self, count: int) -> Dist:
-        """``root.submit`` round trips (ms) for one-token requests, one at a time."""
+        """``root.submit`` round trips (ms) for one-token requests, one at a time.
+
+        The first ``WARMUP_PROBES`` are not timed: they open each hop's connection and start
+        its Pyro5 worker thread, which a running tree has done long before."""
         sink = ProbeSink()
         daemon = Pyro5.api.Daemon(host="127.0.0.1", port=0)
         uri = str(daemon.register(sink, "llmtree.bench.sink"))
@@ -141,14 +145,15 @@ class Chain:
         root = self.registry.lookup("root").uri
         times = []
         try:
-            for index in range(count):
+            for index in range(-WARMUP_PROBES, count):
                 rid = f"placement-{self.depth}-{index}"
                 request = GenerateRequest(
                     rid, [{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), uri
                 )
                 start = time.perf_counter()
-                served_by = self.peers.call(root, "submit", request.to_wire())
-                times.append((time.perf_counter() - start) * 1000)
+                served_by = self.peers.call(root, "submit", request.pack())
+                if index >= 0:
+                    times.append((time.perf_counter() - start) * 1000)
                 if served_by != "worker":
                     raise RuntimeError(f"placement probe served by {served_by}, not worker")
                 sink.wait(rid, 30.0)

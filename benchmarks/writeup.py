@@ -274,7 +274,9 @@ def _tree(report: Report) -> list[str]:
         "Tokens flow from the serving worker straight to the root at any depth, so only the "
         "placement (`root.submit` walking down the chain) can add to TTFT. It is timed on its "
         "own too: `root.submit` called directly over Pyro5 with one-token requests, one at a "
-        "time, until the serving node's name comes back. Its p50 is what the target is judged "
+        "time, until the serving node's name comes back "
+        f"({_probe_count(report.tree)} timed per depth, after 10 untimed ones that open each "
+        "hop's connection). Its p50 is what the target is judged "
         "on; the TTFT through the gateway also holds the model's prefill, whose run-to-run "
         "noise on a shared CPU is far larger than a hop.",
         "",
@@ -304,3 +306,8 @@ def _failures(report: Report) -> list[str]:
         lines += [f"* {case}: `{shown[:400]}`"]
     lines += ["", f"Logs of every process: `{report.work_dir}/logs/`."]
     return [*lines, ""]
+
+
+def _probe_count(tree: list[tuple[int, LevelSummary]]) -> str:
+    counts = {int((s.extra.get("placement_ms") or {}).get("count") or 0) for _, s in tree}
+    return " or ".join(str(c) for c in sorted(counts)) or "no probes"

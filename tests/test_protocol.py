@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -76,6 +77,29 @@ def test_bad_sampling_is_refused(sampling: dict[str, Any], param: str) -> None:
 def test_bad_requests_are_refused(data: Any) -> None:
     with pytest.raises(InvalidRequest):
         GenerateRequest.from_wire(data)
+
+
+def test_a_packed_request_travels_as_one_json_string_and_comes_back_equal() -> None:
+    req = GenerateRequest.from_wire(request(messages=[{"role": "user", "content": 'Hé ✓ "x"'}]))
+    packed = req.pack()
+    assert isinstance(packed, str)
+    assert GenerateRequest.from_wire(packed) == req
+    assert GenerateRequest.from_wire(req.to_wire()) == req  # a plain dict is still taken
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["", "{", "[]", "17", "null", "[" * 100_000, " " * (16 * 1024 * 1024 + 1), json.dumps([1])],
+)
+def test_a_malformed_packed_request_is_refused(payload: str) -> None:
+    with pytest.raises(InvalidRequest):
+        GenerateRequest.from_wire(payload)
+
+
+def test_a_packed_request_is_checked_like_a_plain_one() -> None:
+    bad = json.dumps(request(messages=[{"role": "wizard", "content": "x"}]))
+    with pytest.raises(InvalidRequest, match="role"):
+        GenerateRequest.from_wire(bad)
 
 
 def test_event_validation() -> None:

@@ -104,7 +104,7 @@ def make_router(ctx: ChatContext) -> APIRouter:
         if headers.get(CACHE_HEADER) != "hit":
             stream = ctx.sink.open(request_id)
             try:
-                await anyio.to_thread.run_sync(ctx.root.submit, generate.to_wire())
+                await anyio.to_thread.run_sync(ctx.root.submit, generate.pack())
             except BaseException:
                 ctx.sink.close(request_id)
                 if admission is not None:

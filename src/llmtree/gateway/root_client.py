@@ -57,7 +57,8 @@ class RootClient:
         except NodeUnavailable:
             return self._peers.call(self.root_uri(refresh=True), method, *args)
 
-    def submit(self, request: dict[str, Any]) -> str:
+    def submit(self, request: str) -> str:
+        """Place a request packed by ``GenerateRequest.pack``; returns the serving node."""
         node: str = self.call("submit", request)
         return node
 

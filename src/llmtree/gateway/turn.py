@@ -220,7 +220,7 @@ class Turn:
         )
         stream = ctx.sink.open(request_id)
         try:
-            await anyio.to_thread.run_sync(ctx.root.submit, request.to_wire())
+            await anyio.to_thread.run_sync(ctx.root.submit, request.pack())
         except BaseException:
             ctx.sink.close(request_id)
             raise

@@ -99,8 +99,11 @@ class TreeNode:
 
     # -- the request path -------------------------------------------------------------------
     @Pyro5.api.expose
-    def submit(self, request: dict[str, Any]) -> str:
+    def submit(self, request: str | dict[str, Any]) -> str:
         """Place a request in this subtree; returns the serving node's name.
+
+        ``request`` is packed by ``GenerateRequest.pack`` (a JSON object in a string); a plain
+        dict is taken too (peers that send one, as before).
 
         Called by the gateway (on the root) or by the parent node. Raises ``Overloaded`` when
         nothing below can take it, ``InvalidRequest`` for a malformed request.
@@ -171,7 +174,7 @@ class TreeNode:
             if uri is None:
                 continue
             try:
-                served_by: str = self._peers.call(uri, "submit", req.to_wire())
+                served_by: str = self._peers.call(uri, "submit", req.pack())
                 with self._lock:
                     self._loads.sent(child)
                 return served_by

@@ -18,22 +18,20 @@ step's outputs; ``RequestTimers`` turns them into observations.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import accumulate
 from typing import Any, Protocol
 
 import Pyro5.api
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +61,62 @@ MAX_TRACKED = 100_000
 """Requests timed at once; past this the oldest is forgotten (a lost terminal event)."""
 
 
+class BatchHistogram(Collector):
+    """A histogram with one fixed set of label values that takes many observations at a time.
+
+    ``prometheus_client.Histogram.observe`` takes two locks and scans the buckets for every
+    value; the gateway and every node observe an inter-token latency per token, so a delivery of
+    32 tokens paid that 32 times (a quarter of the gateway's CPU on its streaming path, profiled
+    at 32 streams). Here a batch costs one lock and a binary search per value. The exposition is
+    the one ``prometheus_client.Histogram`` writes (``_bucket`` with ``le``, ``_count``, ``_sum``).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self._labels = dict(labels or {})
+        self._bounds = (*sorted(float(b) for b in buckets if b != math.inf), math.inf)
+        les = [floatToGoString(bound) for bound in self._bounds]  # type: ignore[no-untyped-call]
+        self._les: list[str] = les
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        """Each value counts in the first bucket whose bound it does not exceed."""
+        bounds, counts = self._bounds, self._counts
+        with self._lock:
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+                self._sum += value
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=list(self._labels))
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        family = self._family()
+        cumulative = [
+            (le, float(count)) for le, count in zip(self._les, accumulate(counts), strict=True)
+        ]
+        family.add_metric(list(self._labels.values()), cumulative, total)
+        yield family
+
+
 class RequestMetrics:
     """The per-request series in ``registry``; labelled ``node=<name>`` when ``node`` is given.
 
@@ -75,8 +129,8 @@ class RequestMetrics:
         labels = ("node",) if node else ()
         self._node = node
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, registry=registry, buckets=buckets)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> BatchHistogram:
+            return BatchHistogram(registry, name, doc, buckets, {"node": node} if node else None)
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, (*labels, *extra), registry=registry)
@@ -99,17 +153,17 @@ class RequestMetrics:
         return metric.labels(**extra) if extra else metric
 
     def observe_ttft(self, seconds: float) -> None:
-        self._labels(self.ttft).observe(max(0.0, seconds))
+        self.ttft.observe(max(0.0, seconds))
 
     def observe_itl(self, seconds: float) -> None:
-        self._labels(self.itl).observe(max(0.0, seconds))
+        self.itl.observe(max(0.0, seconds))
 
     def observe_e2e(self, seconds: float) -> None:
-        self._labels(self.e2e).observe(max(0.0, seconds))
+        self.e2e.observe(max(0.0, seconds))
 
     def observe_queue(self, seconds: float) -> None:
         if self.queue is not None:
-            self._labels(self.queue).observe(max(0.0, seconds))
+            self.queue.observe(max(0.0, seconds))
 
     def count_generated(self, tokens: int) -> None:
         if tokens > 0:
@@ -148,31 +202,49 @@ class RequestTimers:
                 while len(self._timers) > MAX_TRACKED:
                     self._timers.popitem(last=False)
 
-    def queued(self, request_id: str, admitted: float) -> None:
-        """The request left the queue at ``admitted`` (observed once per request)."""
+    def running(self, requests: Iterable[tuple[str, float, float]]) -> None:
+        """``(request_id, arrival, admitted)`` of each request in an engine step: starts timing
+        the new ones and observes the queue time of the newly admitted (admitted 0: not yet),
+        once per request, under one lock."""
+        waits = []
         with self._lock:
-            timer = self._timers.get(request_id)
-            if timer is None or timer.queued:
-                return
-            timer.queued = True
-        self.metrics.observe_queue(admitted - timer.arrival)
+            for request_id, arrival, admitted in requests:
+                timer = self._timers.get(request_id)
+                if timer is None:
+                    timer = self._timers[request_id] = _Timer(arrival)
+                    while len(self._timers) > MAX_TRACKED:
+                        self._timers.popitem(last=False)
+                if admitted and not timer.queued:
+                    timer.queued = True
+                    waits.append(max(0.0, admitted - timer.arrival))
+        if waits and self.metrics.queue is not None:
+            self.metrics.queue.observe_many(waits)
 
     def tokens(self, request_id: str, count: int, now: float | None = None) -> None:
         """``count`` new tokens of the request arrived at ``now``."""
-        if count <= 0:
-            return
+        self.tokens_many([(request_id, count)], now)
+
+    def tokens_many(self, arrivals: Iterable[tuple[str, int]], now: float | None = None) -> None:
+        """``(request_id, count)``: new tokens of each request that arrived together at ``now``
+        (one delivery, one engine step): one lock and one observation per histogram for all."""
         now = time.monotonic() if now is None else now
-        self.metrics.count_generated(count)
+        generated, ttfts, itls = 0, [], []
         with self._lock:
-            timer = self._timers.get(request_id)
-            if timer is None:  # already ended: a late delivery of an earlier event
-                return
-            last, timer.last_token = timer.last_token, now
-        if last is None:
-            self.metrics.observe_ttft(now - timer.arrival)
-            return
-        for _ in range(min(count, 64)):
-            self.metrics.observe_itl((now - last) / count)
+            for request_id, count in arrivals:
+                if count <= 0:
+                    continue
+                generated += count
+                timer = self._timers.get(request_id)
+                if timer is None:  # already ended: a late delivery of an earlier event
+                    continue
+                last, timer.last_token = timer.last_token, now
+                if last is None:
+                    ttfts.append(max(0.0, now - timer.arrival))
+                else:
+                    itls += [max(0.0, (now - last) / count)] * min(count, 64)
+        self.metrics.count_generated(generated)
+        self.metrics.ttft.observe_many(ttfts)
+        self.metrics.itl.observe_many(itls)
 
     def finish(
         self, request_id: str, reason: str, prompt_tokens: int, now: float | None = None
@@ -254,14 +326,15 @@ class NodeMetrics:
         """Engine hook, once per step on the engine thread; never raises into the engine."""
         try:
             now = time.monotonic()
+            outputs = list(outputs)
+            self.timers.running(
+                [(o.seq.request_id, o.seq.arrival_s, o.seq.admitted_s) for o in outputs]
+            )
+            arrivals = [(o.seq.request_id, len(o.token_ids)) for o in outputs if o.token_ids]
+            self.timers.tokens_many(arrivals, now)
             for output in outputs:
                 seq = output.seq
                 rid = seq.request_id
-                self.timers.start(rid, seq.arrival_s)
-                if seq.admitted_s:
-                    self.timers.queued(rid, seq.admitted_s)
-                if output.token_ids:
-                    self.timers.tokens(rid, len(output.token_ids), now)
                 if output.finish_reason is not None:
                     # after a failover the prompt also holds the answer so far: count the question
                     prompt = getattr(seq, "num_question_tokens", seq.num_prompt_tokens)

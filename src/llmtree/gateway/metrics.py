@@ -152,9 +152,11 @@ class GatewayMetrics:
                     seen.add(event["seq"])
                     fresh.append(event)
         now = time.monotonic()
+        self.timers.tokens_many(
+            [(event["request_id"], len(event.get("token_ids") or [])) for event in fresh], now
+        )
         for event in fresh:
             rid = event["request_id"]
-            self.timers.tokens(rid, len(event.get("token_ids") or []), now)
             reason = event.get("finish_reason")
             if reason is not None:
                 usage = event.get("usage") or {}

@@ -7,20 +7,26 @@ the time and queues the events, and this thread does the bookkeeping and submits
 measurement adds nothing to the engine's step. A chunk is an event that carried tokens.
 
     python benchmarks/engine_alone.py --concurrency 1,8 --output-tokens 128 --json out.jsonl
+
+With ``--levels-on-stdin`` (case (e) of ``make bench``) it loads the engine once and runs the
+one level it is given each time it reads a command (see ``serve_levels``), so that the
+orchestrator can interleave it with other measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import queue
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RssSampler, read_status_mb
+from common import BENCH_DIR, RssSampler, cpu_seconds, read_status_mb
 
 from llmtree.bench.report import render_table, write_jsonl
 from llmtree.bench.stats import LevelSummary, RequestRecord, summarize
@@ -95,6 +101,38 @@ class Driver:
         )
 
 
+def serve_levels(
+    driver: Driver, specs: list[RequestSpec], concurrency: int, duration: float
+) -> None:
+    """``--levels-on-stdin``: one level per line read, ``alone`` or ``load PERIOD_MS BURST_MS``
+    (beside ``cpu_load.py``), each answered with its summary as one JSON line on stdout."""
+    print(json.dumps({"ready": True}), flush=True)
+    cores = len(os.sched_getaffinity(0))
+    for line in sys.stdin:
+        words = line.split()
+        if words[:1] == ["alone"]:
+            summary = driver.run_level(specs, concurrency, duration)
+        elif words[:1] == ["load"] and len(words) == 3:
+            argv = [sys.executable, str(BENCH_DIR / "cpu_load.py")]
+            argv += ["--period-ms", words[1], "--burst-ms", words[2]]
+            load = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+            try:
+                started, cpu0 = time.perf_counter(), cpu_seconds(load.pid) or 0.0
+                summary = driver.run_level(specs, concurrency, duration)
+                cpu = (cpu_seconds(load.pid) or 0.0) - cpu0
+                wall = time.perf_counter() - started
+            finally:
+                load.terminate()
+                load.wait(10)
+            summary.extra["load_share"] = round(cpu / wall / cores, 4)
+        else:
+            print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
+            continue
+        print(json.dumps(summary.to_dict()), flush=True)
+        tps = summary.output_tokens_per_s
+        print(f"engine: c={concurrency} {words[0]}: {tps:.1f} tok/s", file=sys.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,8,32,64")
@@ -105,6 +143,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--levels-on-stdin", action="store_true", help="a level per command")
     args = parser.parse_args()
     logging.basicConfig(level=os.environ.get("LLMTREE_LOG_LEVEL", "WARNING"), stream=sys.stderr)
     inbox: queue.Queue[Batch] = queue.Queue()
@@ -121,6 +160,9 @@ def main() -> int:
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             count = args.requests or max(8, 4 * concurrency)
             specs = make_requests(count, prompt, output, args.seed)
+            if args.levels_on_stdin:
+                serve_levels(driver, specs, concurrency, args.duration)
+                return 0
             with RssSampler(os.getpid()) as rss:
                 summary = driver.run_level(specs, concurrency, args.duration)
             summary.extra["rss_peak_mb"] = round(rss.peak_mb, 1)

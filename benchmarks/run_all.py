@@ -2,8 +2,10 @@
 
 Cases, run one after another (never two at once, so each has the machine to itself):
 (a) the engine alone, (a0) the engine alone on its pure PyTorch path (no fused CPU kernels),
-(b) the full stack (``llmtree up --workers 1``), (c) the naive one-at-a-time ``generate()``
-server, (d) static ``generate()`` batches, and ``tree``: the same load through 1, 2 and 3 levels
+(b) the full stack (``llmtree up --workers 1``), (e) paired rounds at c=32 of (a), (a) beside a
+stand-in load with the CPU that (b)'s root, gateway and load generator use (``cpu_load.py``)
+and (b), all three in each round so that the machine's drift falls on each alike, (c) the
+naive one-at-a-time ``generate()`` server, (d) static ``generate()`` batches, and ``tree``: the same load through 1, 2 and 3 levels
 of forwarding above the serving worker. Everything listens on free loopback ports, lives in a
 temporary directory (its own slapd, var dir and logs) and shares the model cache
 ``var/models``; each process is stopped by its pid when its case ends.
@@ -24,8 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from common import BENCH_DIR, REPO, CpuMeter, RssSampler, machine_info, now_iso, read_status_mb
 from procs import Proc, base_env, find_child, free_port, http_ok, wait_for
@@ -39,7 +44,11 @@ from llmtree.bench.workload import Span, make_requests
 from llmtree.gateway.keys_cli import read_dev_key
 
 PY = sys.executable
-ALL_CASES = ("a", "a0", "b", "c", "d", "tree")
+ALL_CASES = ("a", "a0", "b", "e", "c", "d", "tree")
+STAND_IN_ROLES = ("root", "gateway", "load generator")
+"""The processes of (b) besides the worker, whose CPU case (e)'s stand-in load takes."""
+PAIRED_ROUNDS = 3
+PAIRED_LABELS = {"a": "alone", "load": "beside the load", "b": "full stack"}
 
 
 FULL = {
@@ -58,7 +67,7 @@ QUICK.update({"requests": 4, "tree_requests": 4, "tree_output_tokens": 8, "tree_
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--cases", default=",".join(ALL_CASES), help="any of a,a0,b,c,d,tree (default all)")
+    add("--cases", default=",".join(ALL_CASES), help="any of a,a0,b,e,c,d,tree (default all)")
     add("--concurrency", help="closed-loop levels (default 1,8,32,64)")
     add("--output-tokens", type=int, help="tokens per request (default 128)")
     add("--prompt-tokens", type=int, default=32)
@@ -178,27 +187,122 @@ def case_d(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[Le
     return read_jsonl(run_script("static_batch.py", extra, work, env, budget(args)))
 
 
-def case_b(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:
+@contextmanager
+def full_stack(work: Path, env: dict[str, str]) -> Iterator[tuple[str, dict[str, int | str]]]:
+    """``llmtree up --workers 1`` until the block ends: its URL and the CPU roles' pids (the
+    worker, the root, the gateway and ``"self"``, the load generator)."""
     url = f"http://127.0.0.1:{env['LLMTREE_GATEWAY_PORT']}"
     up = Proc("stack", [PY, "-m", "llmtree", "up", "--workers", "1"], env, work / "logs")
     try:
         wait_for(lambda: http_ok(url + "/readyz"), "the full stack", [up], 900)
         os.environ["LLMTREE_API_KEY"] = read_dev_key(Path(env["LLMTREE_VAR_DIR"])) or ""
-        worker = find_child(up.pid, "--name", "worker-1")
         found = {
-            "worker": worker,
+            "worker": find_child(up.pid, "--name", "worker-1"),
             "root": find_child(up.pid, "--name", "root"),
             "gateway": find_child(up.pid, "gateway"),
         }
         pids: dict[str, int | str] = {name: pid for name, pid in found.items() if pid}
-        todo = levels(args, args.concurrency, args.output_tokens, args.requests)
-        summaries = drive(url, todo, worker, "(b)", {**pids, "load generator": "self"})
-        if worker and summaries:
-            summaries[-1].extra["worker_rss_hwm_mb"] = read_status_mb(worker, "VmHWM")
-        return summaries
+        yield url, {**pids, "load generator": "self"}
     finally:
         up.stop_with_children(60)  # `llmtree up` stops its children and slapd itself
         subprocess.run([PY, "-m", "llmtree", "ldap", "stop"], env=env, capture_output=True)
+
+
+def case_b(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:
+    with full_stack(work, env) as (url, pids):
+        worker = int(pids["worker"]) if "worker" in pids else None
+        todo = levels(args, args.concurrency, args.output_tokens, args.requests)
+        summaries = drive(url, todo, worker, "(b)", pids)
+        if worker and summaries:
+            summaries[-1].extra["worker_rss_hwm_mb"] = read_status_mb(worker, "VmHWM")
+        return summaries
+
+
+def case_e(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:
+    """Paired rounds at the judged level (c=32, else the highest): (a), (a) beside
+    ``cpu_load.py`` and (b), one after the other in each round, with the engine alone and the
+    full stack both loaded all along. The stand-in load burns what (b)'s root, gateway and load
+    generator used in the (b) level before it (a first, unpaired one for the first round): their
+    CPU seconds per second, in one burst per engine step (that level's ITL p50)."""
+    concurrency = max(int(c) for c in args.concurrency.split(","))
+    concurrency = 32 if "32" in args.concurrency.split(",") else concurrency
+    todo = levels(args, str(concurrency), args.output_tokens, args.requests or 2 * concurrency)
+    specs_args = script_args(args) + ["--requests", str(len(todo[0].requests)), "--levels-on-stdin"]
+    specs_args[specs_args.index("--concurrency") + 1] = str(concurrency)
+    log_path = work / "logs" / "engine_alone_paired.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cores = len(os.sched_getaffinity(0))
+    with log_path.open("wb") as log_file, full_stack(work, env) as (url, pids):
+        alone = subprocess.Popen(
+            [PY, str(BENCH_DIR / "engine_alone.py"), *specs_args],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,
+        )  # fmt: skip
+        try:
+            ask = Asker(alone, budget(args))
+            ask.ready()
+            worker = int(pids["worker"]) if "worker" in pids else None
+            last_b = drive(url, todo, worker, "(e) first (b)", pids)[0]
+            summaries = []
+            for number in range(1, PAIRED_ROUNDS + 1):
+                used = last_b.extra.get("cpu_s") or {}
+                if not all(role in used for role in STAND_IN_ROLES):
+                    raise RuntimeError(f"no CPU figures for {STAND_IN_ROLES} in (b)")
+                wall = last_b.output_tokens / last_b.output_tokens_per_s
+                per_s = sum(used[role] for role in STAND_IN_ROLES) / wall
+                period = last_b.itl.p50 or last_b.tpot.p50 or 0.05
+                burst = min(per_s * period, 0.9 * period)
+                plan = {"period_ms": period * 1000, "burst_ms": burst * 1000}
+                plan["target_share"] = per_s / cores
+                rows = {
+                    "a": ask.level("alone"),
+                    "load": ask.level(f"load {period * 1000:.2f} {burst * 1000:.2f}"),
+                }
+                last_b = rows["b"] = drive(url, todo, worker, f"(e) round {number} (b)", pids)[0]
+                for kind, summary in rows.items():
+                    summary.label = f"c={concurrency} {PAIRED_LABELS[kind]} #{number}"
+                    summary.extra["paired"] = {**plan, "round": number, "kind": kind}
+                    summaries.append(summary)
+                tps = " / ".join(f"{s.output_tokens_per_s:.1f}" for s in rows.values())
+                log(f"(e) round {number}: (a) / beside the load / (b): {tps} tok/s")
+            return summaries
+        finally:
+            if alone.stdin:
+                alone.stdin.close()
+            try:
+                alone.wait(60)
+            except subprocess.TimeoutExpired:
+                alone.kill()
+                alone.wait(10)
+
+
+class Asker:
+    """Levels of ``engine_alone.py --levels-on-stdin``: one command, one JSON summary back."""
+
+    def __init__(self, proc: subprocess.Popen[str], limit_s: float) -> None:
+        self.proc, self.limit_s = proc, limit_s
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        reader = ThreadPoolExecutor(1)
+        try:
+            line = reader.submit(self.proc.stdout.readline).result(self.limit_s)
+        finally:
+            reader.shutdown(wait=False)
+        if not line:
+            raise RuntimeError(f"engine_alone.py ended (exit {self.proc.poll()}); see its log")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"engine_alone.py: {answer['error']}")
+        return answer
+
+    def ready(self) -> None:
+        self._answer()
+
+    def level(self, command: str) -> LevelSummary:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return LevelSummary.from_dict(self._answer())
 
 
 def case_c(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:
@@ -268,7 +372,7 @@ def main() -> int:
     report = Report(command, now_iso(), machine_info(), engine_dtype(), settings)
     report.load_before, report.work_dir = load_average(), str(work)
     log(f"cases {args.case_list}, work dir {work}")
-    runners = {"a": case_a, "a0": case_a0, "b": case_b, "c": case_c, "d": case_d}
+    runners = {"a": case_a, "a0": case_a0, "b": case_b, "e": case_e, "c": case_c, "d": case_d}
     for case in args.case_list:
         log(f"case {case} starts")
         try:

@@ -16,6 +16,7 @@ CASE_NAMES = {
     "a": "(a) engine alone",
     "a0": "(a0) engine alone, PyTorch path",
     "b": "(b) full stack",
+    "e": "(e) paired rounds",
     "c": "(c) naive server",
     "d": "(d) static batches",
 }
@@ -107,6 +108,10 @@ def targets(report: Report) -> list[tuple[str, ...]]:
             costs.append((summary.concurrency, 1 - ratio))
     cost32 = dict(costs).get(32)
     shown = ", ".join(f"{cost * 100:+.1f} % at c={c}" for c, cost in costs) or "not measured"
+    if (paired := paired_stack_loss(report)) is not None:
+        shown = f"{paired[1] * 100:+.1f} % at c={paired[0]} in paired rounds (e); one run each: "
+        shown += ", ".join(f"{cost * 100:+.1f} % at c={c}" for c, cost in costs) or "none"
+        cost32 = paired[1]
     per = cpu_per_token(top32) if (top32 := _at(full, 32)) else {}
     if len(per) == len(CPU_ROLES):
         share = (per["root"] + per["gateway"]) / sum(per.values())
@@ -161,6 +166,8 @@ def render(report: Report) -> str:
         "* **(b) full stack**: `llmtree up --workers 1` (slapd, root, one worker, gateway) as "
         "separate processes; load through the gateway's `/v1/chat/completions` (SSE) with the "
         "`llmtree bench` load generator (`src/llmtree/bench/`).",
+        "* **(e) paired rounds**: (a), (a) beside a stand-in load and (b) in turn, at c=32, "
+        'three rounds; see "Paired rounds" below.',
         "* **(c) naive server**: `benchmarks/naive_server.py`, one request at a time through "
         "`transformers` `generate()` with a `TextIteratorStreamer` behind a FastAPI endpoint "
         "(a lock serialises requests; every `generate()` runs on the one thread that loaded "
@@ -178,7 +185,8 @@ def render(report: Report) -> str:
     ]
     rows = [(CASE_NAMES[k], x) for k in CASE_NAMES for x in report.cases.get(k, [])]
     lines += [markdown_table(rows) if rows else "_no case was run_", ""]
-    lines += _ratios(report) + _targets(report) + _cpu(report) + _tree(report)
+    lines += _ratios(report) + _targets(report) + _cpu(report) + _stand_in(report)
+    lines += _tree(report)
     lines += _failures(report)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -248,6 +256,82 @@ def _cpu(report: Report) -> list[str]:
         share = (per["root"] + per["gateway"]) / sum(per.values())
         cells = " | ".join(f"{per[role]:.3f}" for role in CPU_ROLES)
         lines.append(f"| {summary.label} | {cells} | {share * 100:.1f} % |")
+    return [*lines, ""]
+
+
+@dataclass
+class PairedRound:
+    number: int
+    alone: LevelSummary
+    loaded: LevelSummary
+    full: LevelSummary
+
+    @property
+    def load_loss(self) -> float:
+        return 1 - self.loaded.output_tokens_per_s / self.alone.output_tokens_per_s
+
+    @property
+    def stack_loss(self) -> float:
+        return 1 - self.full.output_tokens_per_s / self.alone.output_tokens_per_s
+
+
+def paired_rounds(report: Report) -> list[PairedRound]:
+    """Case (e)'s complete rounds, in order."""
+    found: dict[int, dict[str, LevelSummary]] = {}
+    for summary in report.cases.get("e") or []:
+        info = summary.extra.get("paired") or {}
+        found.setdefault(int(info.get("round", 0)), {})[str(info.get("kind"))] = summary
+    rounds = []
+    for number, kinds in sorted(found.items()):
+        if {"a", "load", "b"} <= set(kinds) and kinds["a"].output_tokens_per_s:
+            rounds.append(PairedRound(number, kinds["a"], kinds["load"], kinds["b"]))
+    return rounds
+
+
+def paired_stack_loss(report: Report) -> tuple[int, float] | None:
+    """(concurrency, mean loss of (b) against (a) over case (e)'s rounds), if it ran."""
+    rounds = paired_rounds(report)
+    if not rounds:
+        return None
+    return rounds[0].full.concurrency or 0, sum(r.stack_loss for r in rounds) / len(rounds)
+
+
+def _stand_in(report: Report) -> list[str]:
+    """Case (e): (b) and a stand-in load against (a), in paired rounds."""
+    rounds = paired_rounds(report)
+    if not rounds:
+        return []
+    c = rounds[0].full.concurrency
+    lines = [
+        "## Paired rounds: the full stack and a stand-in load against the engine alone",
+        "",
+        "The machine's speed drifts by 10-20 % within minutes (a shared host), more than "
+        f"the cost of the gateway and the root, so case (e) measures it in rounds at c={c}. The "
+        "engine alone (as in (a), its own process) and the full stack (as in (b)) are both "
+        "started and stay loaded; each round runs (a), then (a) beside a stand-in load, then "
+        "(b), one at a time, so a drift falls on all three alike. The stand-in, "
+        "`benchmarks/cpu_load.py`, burns the CPU that (b)'s root, gateway and load generator "
+        "used in the (b) level before it (JSON work, one burst per engine step of that level): "
+        "if (a) loses beside it about what (b) loses, the stack costs the engine the CPU its "
+        "other processes take from the shared cores and nothing else.",
+        "",
+        "| round | (a) tok/s | beside the load | (b) tok/s | load's loss | (b)'s loss "
+        "| load's CPU, % of the machine | set for |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rounds:
+        plan = r.loaded.extra["paired"]
+        share = float(r.loaded.extra.get("load_share") or 0.0)
+        lines.append(
+            f"| {r.number} | {r.alone.output_tokens_per_s:.1f} "
+            f"| {r.loaded.output_tokens_per_s:.1f} | {r.full.output_tokens_per_s:.1f} "
+            f"| {r.load_loss * 100:.1f} % | {r.stack_loss * 100:.1f} % | {share * 100:.1f} % "
+            f"| {float(plan.get('target_share') or 0) * 100:.1f} % |"
+        )
+    count = len(rounds)
+    load = sum(r.load_loss for r in rounds) / count
+    stack = sum(r.stack_loss for r in rounds) / count
+    lines.append(f"| mean | | | | {load * 100:.1f} % | {stack * 100:.1f} % | | |")
     return [*lines, ""]
 
 

@@ -96,6 +96,23 @@ def test_a_malformed_packed_request_is_refused(payload: str) -> None:
         GenerateRequest.from_wire(payload)
 
 
+def test_a_lone_surrogate_a_user_may_send_travels_too() -> None:
+    """orjson refuses lone surrogates; the standard library's JSON takes them, as before."""
+    req = GenerateRequest.from_wire(request(messages=[{"role": "user", "content": "a\ud800b"}]))
+    assert GenerateRequest.from_wire(req.pack()) == req
+    events = [make_event("r1", 0, text="\udfff", token_ids=[1])]
+    assert unpack_events(pack_events(events)) == events
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_not_a_number_is_refused_in_packed_json(constant: str) -> None:
+    text = json.dumps(request()).replace('"request_id"', f'"x": {constant}, "request_id"', 1)
+    with pytest.raises(InvalidRequest):
+        GenerateRequest.from_wire(text)
+    with pytest.raises(InvalidRequest):
+        unpack_events(f'[{{"seq": {constant}}}, "\ud800"]')
+
+
 def test_a_packed_request_is_checked_like_a_plain_one() -> None:
     bad = json.dumps(request(messages=[{"role": "wizard", "content": "x"}]))
     with pytest.raises(InvalidRequest, match="role"):

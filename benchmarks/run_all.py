@@ -27,12 +27,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
 
 from common import BENCH_DIR, REPO, CpuMeter, RssSampler, machine_info, now_iso, read_status_mb
+from paired_case import PairedRounds
 from procs import Proc, base_env, find_child, free_port, http_ok, wait_for
 from tree_case import run_tree
 from writeup import CASE_NAMES, Report, render
@@ -45,10 +44,6 @@ from llmtree.gateway.keys_cli import read_dev_key
 
 PY = sys.executable
 ALL_CASES = ("a", "a0", "b", "e", "c", "d", "tree")
-STAND_IN_ROLES = ("root", "gateway", "load generator")
-"""The processes of (b) besides the worker, whose CPU case (e)'s stand-in load takes."""
-PAIRED_ROUNDS = 3
-PAIRED_LABELS = {"a": "alone", "load": "beside the load", "b": "full stack"}
 
 
 FULL = {
@@ -219,90 +214,16 @@ def case_b(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[Le
 
 
 def case_e(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:
-    """Paired rounds at the judged level (c=32, else the highest): (a), (a) beside
-    ``cpu_load.py`` and (b), one after the other in each round, with the engine alone and the
-    full stack both loaded all along. The stand-in load burns what (b)'s root, gateway and load
-    generator used in the (b) level before it (a first, unpaired one for the first round): their
-    CPU seconds per second, in one burst per engine step (that level's ITL p50)."""
+    """Paired rounds (``paired_case.py``) at the judged level: c=32, else the highest."""
     concurrency = max(int(c) for c in args.concurrency.split(","))
     concurrency = 32 if "32" in args.concurrency.split(",") else concurrency
     todo = levels(args, str(concurrency), args.output_tokens, args.requests or 2 * concurrency)
-    specs_args = script_args(args) + ["--requests", str(len(todo[0].requests)), "--levels-on-stdin"]
-    specs_args[specs_args.index("--concurrency") + 1] = str(concurrency)
-    log_path = work / "logs" / "engine_alone_paired.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cores = len(os.sched_getaffinity(0))
-    with log_path.open("wb") as log_file, full_stack(work, env) as (url, pids):
-        alone = subprocess.Popen(
-            [PY, str(BENCH_DIR / "engine_alone.py"), *specs_args],
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True,
-        )  # fmt: skip
-        try:
-            ask = Asker(alone, budget(args))
-            ask.ready()
-            worker = int(pids["worker"]) if "worker" in pids else None
-            last_b = drive(url, todo, worker, "(e) first (b)", pids)[0]
-            summaries = []
-            for number in range(1, PAIRED_ROUNDS + 1):
-                used = last_b.extra.get("cpu_s") or {}
-                if not all(role in used for role in STAND_IN_ROLES):
-                    raise RuntimeError(f"no CPU figures for {STAND_IN_ROLES} in (b)")
-                wall = last_b.output_tokens / last_b.output_tokens_per_s
-                per_s = sum(used[role] for role in STAND_IN_ROLES) / wall
-                period = last_b.itl.p50 or last_b.tpot.p50 or 0.05
-                burst = min(per_s * period, 0.9 * period)
-                plan = {"period_ms": period * 1000, "burst_ms": burst * 1000}
-                plan["target_share"] = per_s / cores
-                rows = {
-                    "a": ask.level("alone"),
-                    "load": ask.level(f"load {period * 1000:.2f} {burst * 1000:.2f}"),
-                }
-                last_b = rows["b"] = drive(url, todo, worker, f"(e) round {number} (b)", pids)[0]
-                for kind, summary in rows.items():
-                    summary.label = f"c={concurrency} {PAIRED_LABELS[kind]} #{number}"
-                    summary.extra["paired"] = {**plan, "round": number, "kind": kind}
-                    summaries.append(summary)
-                tps = " / ".join(f"{s.output_tokens_per_s:.1f}" for s in rows.values())
-                log(f"(e) round {number}: (a) / beside the load / (b): {tps} tok/s")
-            return summaries
-        finally:
-            if alone.stdin:
-                alone.stdin.close()
-            try:
-                alone.wait(60)
-            except subprocess.TimeoutExpired:
-                alone.kill()
-                alone.wait(10)
-
-
-class Asker:
-    """Levels of ``engine_alone.py --levels-on-stdin``: one command, one JSON summary back."""
-
-    def __init__(self, proc: subprocess.Popen[str], limit_s: float) -> None:
-        self.proc, self.limit_s = proc, limit_s
-
-    def _answer(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        reader = ThreadPoolExecutor(1)
-        try:
-            line = reader.submit(self.proc.stdout.readline).result(self.limit_s)
-        finally:
-            reader.shutdown(wait=False)
-        if not line:
-            raise RuntimeError(f"engine_alone.py ended (exit {self.proc.poll()}); see its log")
-        answer: dict[str, Any] = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"engine_alone.py: {answer['error']}")
-        return answer
-
-    def ready(self) -> None:
-        self._answer()
-
-    def level(self, command: str) -> LevelSummary:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return LevelSummary.from_dict(self._answer())
+    alone = script_args(args) + ["--requests", str(len(todo[0].requests)), "--levels-on-stdin"]
+    alone[alone.index("--concurrency") + 1] = str(concurrency)
+    argv = [PY, str(BENCH_DIR / "engine_alone.py"), *alone]
+    with full_stack(work, env) as (url, pids):
+        paired = PairedRounds(url, pids, drive, log)
+        return paired.run(todo, argv, env, work / "logs" / "engine_alone_paired.log", budget(args))
 
 
 def case_c(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:

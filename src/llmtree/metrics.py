@@ -66,9 +66,10 @@ class BatchHistogram(Collector):
 
     ``prometheus_client.Histogram.observe`` takes two locks and scans the buckets for every
     value; the gateway and every node observe an inter-token latency per token, so a delivery of
-    32 tokens paid that 32 times (a quarter of the gateway's CPU on its streaming path, profiled
-    at 32 streams). Here a batch costs one lock and a binary search per value. The exposition is
-    the one ``prometheus_client.Histogram`` writes (``_bucket`` with ``le``, ``_count``, ``_sum``).
+    32 tokens paid that 32 times. Here a batch costs one lock and a binary search per value (the
+    gateway's bookkeeping of a 32-event delivery went from 212 to 95 us, a node's of a 32-row
+    step, on the engine thread, from 434 to 64). The exposition is the one
+    ``prometheus_client.Histogram`` writes (``_bucket`` with ``le``, ``_count``, ``_sum``).
     """
 
     def __init__(

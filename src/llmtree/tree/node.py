@@ -100,10 +100,8 @@ class TreeNode:
     # -- the request path -------------------------------------------------------------------
     @Pyro5.api.expose
     def submit(self, request: str | dict[str, Any]) -> str:
-        """Place a request in this subtree; returns the serving node's name.
-
-        ``request`` is packed by ``GenerateRequest.pack`` (a JSON object in a string); a plain
-        dict is taken too (peers that send one, as before).
+        """Place a request (``GenerateRequest.pack``'s JSON, or a dict) in this subtree; returns
+        the serving node's name.
 
         Called by the gateway (on the root) or by the parent node. Raises ``Overloaded`` when
         nothing below can take it, ``InvalidRequest`` for a malformed request.

@@ -3,11 +3,12 @@
 A shared machine's speed drifts by 10-20 % within minutes, more than the gateway and the root
 cost, so one run of (a) and one of (b) minutes apart cannot tell that cost. Here the engine alone
 (``engine_alone.py --levels-on-stdin``, its own process) and the full stack are both started and
-stay loaded, and each round runs, one at a time: (a), (a) beside ``cpu_load.py``, then (b). The
-stand-in load burns what (b)'s root, gateway and load generator used in the (b) level before it
-(a first, unpaired one for round 1): their CPU seconds per second, in one burst per engine step
-(that level's ITL p50). If (a) loses beside it about what (b) loses, the stack costs the engine
-the CPU its other processes take from the shared cores, and nothing else.
+stay loaded, and each round runs, one at a time: (a), (a) beside ``cpu_load.py``, then (b) (the
+reverse in even rounds). The stand-in load burns what (b)'s root, gateway and load generator
+used in the (b) level before it (a first, unpaired one for round 1): their CPU seconds per
+second, in one burst per engine step (that level's ITL p50). If (a) loses beside it about what (b) loses, the stack costs the engine
+the CPU its other processes take from the shared cores, and nothing else. The page judges on
+the median of the rounds' losses, which one round caught in a swing of the host cannot move.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from llmtree.bench.loadgen import Level
 from llmtree.bench.stats import LevelSummary
 
-ROUNDS = 3
+ROUNDS = 6
 STAND_IN_ROLES = ("root", "gateway", "load generator")
 """The processes of (b) besides the worker, whose CPU the stand-in load takes."""
 LABELS = {"a": "alone", "load": "beside the load", "b": "full stack"}
@@ -61,6 +62,8 @@ class PairedRounds:
                 ask.close()
 
     def _rounds(self, todo: list[Level], ask: Asker) -> list[LevelSummary]:
+        """Odd rounds run (a), (a) beside the load, (b); even ones the reverse, so that a
+        steady drift during a round adds to (b)'s loss in one and takes it off in the next."""
         cores = len(os.sched_getaffinity(0))
         last_b = self._full_stack(todo, "(e) first (b)")
         summaries = []
@@ -74,16 +77,20 @@ class PairedRounds:
             burst = min(per_s * period, 0.9 * period)
             plan = {"period_ms": period * 1000, "burst_ms": burst * 1000}
             plan["target_share"] = per_s / cores
-            rows = {
-                "a": ask.level("alone"),
-                "load": ask.level(f"load {period * 1000:.2f} {burst * 1000:.2f}"),
-            }
-            last_b = rows["b"] = self._full_stack(todo, f"(e) round {number} (b)")
-            for kind, summary in rows.items():
+            load = f"load {period * 1000:.2f} {burst * 1000:.2f}"
+            rows = {}
+            for kind in LABELS if number % 2 else reversed(LABELS):
+                if kind == "b":
+                    rows[kind] = self._full_stack(todo, f"(e) round {number} (b)")
+                else:
+                    rows[kind] = ask.level("alone" if kind == "a" else load)
+            last_b = rows["b"]
+            for kind in LABELS:
+                summary = rows[kind]
                 summary.label = f"c={summary.concurrency} {LABELS[kind]} #{number}"
                 summary.extra["paired"] = {**plan, "round": number, "kind": kind}
                 summaries.append(summary)
-            tps = " / ".join(f"{s.output_tokens_per_s:.1f}" for s in rows.values())
+            tps = " / ".join(f"{rows[kind].output_tokens_per_s:.1f}" for kind in LABELS)
             self.log(f"(e) round {number}: (a) / beside the load / (b): {tps} tok/s")
         return summaries
 

@@ -6,6 +6,7 @@ was not measured (a case left out, a quick run without c=32) says so instead of 
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -109,7 +110,8 @@ def targets(report: Report) -> list[tuple[str, ...]]:
     cost32 = dict(costs).get(32)
     shown = ", ".join(f"{cost * 100:+.1f} % at c={c}" for c, cost in costs) or "not measured"
     if (paired := paired_stack_loss(report)) is not None:
-        shown = f"{paired[1] * 100:+.1f} % at c={paired[0]} in paired rounds (e); one run each: "
+        shown = f"{paired[1] * 100:+.1f} % at c={paired[0]} (median of paired rounds, (e)); "
+        shown += "one run each: "
         shown += ", ".join(f"{cost * 100:+.1f} % at c={c}" for c, cost in costs) or "none"
         cost32 = paired[1]
     per = cpu_per_token(top32) if (top32 := _at(full, 32)) else {}
@@ -167,7 +169,7 @@ def render(report: Report) -> str:
         "separate processes; load through the gateway's `/v1/chat/completions` (SSE) with the "
         "`llmtree bench` load generator (`src/llmtree/bench/`).",
         "* **(e) paired rounds**: (a), (a) beside a stand-in load and (b) in turn, at c=32, "
-        'three rounds; see "Paired rounds" below.',
+        'six rounds; see "Paired rounds" below.',
         "* **(c) naive server**: `benchmarks/naive_server.py`, one request at a time through "
         "`transformers` `generate()` with a `TextIteratorStreamer` behind a FastAPI endpoint "
         "(a lock serialises requests; every `generate()` runs on the one thread that loaded "
@@ -289,11 +291,11 @@ def paired_rounds(report: Report) -> list[PairedRound]:
 
 
 def paired_stack_loss(report: Report) -> tuple[int, float] | None:
-    """(concurrency, mean loss of (b) against (a) over case (e)'s rounds), if it ran."""
+    """(concurrency, median loss of (b) against (a) over case (e)'s rounds), if it ran."""
     rounds = paired_rounds(report)
     if not rounds:
         return None
-    return rounds[0].full.concurrency or 0, sum(r.stack_loss for r in rounds) / len(rounds)
+    return rounds[0].full.concurrency or 0, statistics.median(r.stack_loss for r in rounds)
 
 
 def _stand_in(report: Report) -> list[str]:
@@ -309,7 +311,8 @@ def _stand_in(report: Report) -> list[str]:
         f"the cost of the gateway and the root, so case (e) measures it in rounds at c={c}. The "
         "engine alone (as in (a), its own process) and the full stack (as in (b)) are both "
         "started and stay loaded; each round runs (a), then (a) beside a stand-in load, then "
-        "(b), one at a time, so a drift falls on all three alike. The stand-in, "
+        "(b), one at a time (even rounds the other way round), so a drift falls on all three "
+        "alike. The target is judged on the median of the rounds' losses. The stand-in, "
         "`benchmarks/cpu_load.py`, burns the CPU that (b)'s root, gateway and load generator "
         "used in the (b) level before it (JSON work, one burst per engine step of that level): "
         "if (a) loses beside it about what (b) loses, the stack costs the engine the CPU its "
@@ -328,10 +331,10 @@ def _stand_in(report: Report) -> list[str]:
             f"| {r.load_loss * 100:.1f} % | {r.stack_loss * 100:.1f} % | {share * 100:.1f} % "
             f"| {float(plan.get('target_share') or 0) * 100:.1f} % |"
         )
-    count = len(rounds)
-    load = sum(r.load_loss for r in rounds) / count
-    stack = sum(r.stack_loss for r in rounds) / count
-    lines.append(f"| mean | | | | {load * 100:.1f} % | {stack * 100:.1f} % | | |")
+    for name, average in (("mean", statistics.mean), ("median", statistics.median)):
+        load = average(r.load_loss for r in rounds)
+        stack = average(r.stack_loss for r in rounds)
+        lines.append(f"| {name} | | | | {load * 100:.1f} % | {stack * 100:.1f} % | | |")
     return [*lines, ""]
 
 

@@ -19,16 +19,12 @@ import os
 import signal
 import time
 from types import FrameType
+from typing import Any
+
+from llmtree.protocol import make_event
 
 
-def events(count: int) -> list[dict[str, object]]:
-    return [
-        {"request_id": f"chatcmpl-{i:032x}", "seq": 7, "text": " the", "token_ids": [1234]}
-        for i in range(count)
-    ]
-
-
-def burn(seconds: float, work: list[dict[str, object]]) -> None:
+def burn(seconds: float, work: list[dict[str, Any]]) -> None:
     """Use ``seconds`` of this thread's CPU time."""
     end = time.thread_time() + seconds
     while time.thread_time() < end:
@@ -54,7 +50,8 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    work, period, burst = events(32), args.period_ms / 1000, args.burst_ms / 1000
+    work = [make_event(f"chatcmpl-{i:032x}", 7, " the", [1234], node="worker-1") for i in range(32)]
+    period, burst = args.period_ms / 1000, args.burst_ms / 1000
     wake = time.monotonic()
     while time.monotonic() - started < args.max_s:
         burn(burst, work)

@@ -100,14 +100,11 @@ class Asker:
 
     def __init__(self, proc: subprocess.Popen[str], limit_s: float) -> None:
         self.proc, self.limit_s = proc, limit_s
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="engine-alone-reader")
 
     def _answer(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
-        reader = ThreadPoolExecutor(1)
-        try:
-            line = reader.submit(self.proc.stdout.readline).result(self.limit_s)
-        finally:
-            reader.shutdown(wait=False)
+        line = self._reader.submit(self.proc.stdout.readline).result(self.limit_s)
         if not line:
             raise RuntimeError(f"engine_alone.py ended (exit {self.proc.poll()}); see its log")
         answer: dict[str, Any] = json.loads(line)
@@ -133,3 +130,4 @@ class Asker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        self._reader.shutdown(wait=False)

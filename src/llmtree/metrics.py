@@ -153,18 +153,8 @@ class RequestMetrics:
             return metric.labels(node=self._node, **extra)
         return metric.labels(**extra) if extra else metric
 
-    def observe_ttft(self, seconds: float) -> None:
-        self.ttft.observe(max(0.0, seconds))
-
-    def observe_itl(self, seconds: float) -> None:
-        self.itl.observe(max(0.0, seconds))
-
     def observe_e2e(self, seconds: float) -> None:
         self.e2e.observe(max(0.0, seconds))
-
-    def observe_queue(self, seconds: float) -> None:
-        if self.queue is not None:
-            self.queue.observe(max(0.0, seconds))
 
     def count_generated(self, tokens: int) -> None:
         if tokens > 0:
@@ -220,10 +210,6 @@ class RequestTimers:
                     waits.append(max(0.0, admitted - timer.arrival))
         if waits and self.metrics.queue is not None:
             self.metrics.queue.observe_many(waits)
-
-    def tokens(self, request_id: str, count: int, now: float | None = None) -> None:
-        """``count`` new tokens of the request arrived at ``now``."""
-        self.tokens_many([(request_id, count)], now)
 
     def tokens_many(self, arrivals: Iterable[tuple[str, int]], now: float | None = None) -> None:
         """``(request_id, count)``: new tokens of each request that arrived together at ``now``

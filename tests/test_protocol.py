@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -33,6 +34,19 @@ def test_round_trip() -> None:
     again = GenerateRequest.from_wire(req.to_wire())
     assert again == req
     assert again.sampling.stop == ["x"] and again.sampling.seed == 3
+
+
+def test_sampling_wire_form_holds_every_field() -> None:
+    """``to_wire`` is written out by hand; a field it forgot would fall back to its default."""
+    sampling = SamplingParams(
+        max_tokens=9, temperature=0.5, top_p=0.9, top_k=4, seed=7, stop=["x"], min_tokens=2,
+        ignore_eos=True,
+    )  # fmt: skip
+    wire = sampling.to_wire()
+    assert wire == dataclasses.asdict(sampling)
+    assert SamplingParams.from_wire(wire) == sampling
+    wire["stop"].append("y")
+    assert sampling.stop == ["x"]  # a copy: the wire form can be changed without the request
 
 
 @pytest.mark.parametrize(

@@ -188,10 +188,16 @@ class RequestTimers:
 
     def start(self, request_id: str, arrival: float | None = None) -> None:
         with self._lock:
-            if request_id not in self._timers:
-                self._timers[request_id] = _Timer(time.monotonic() if arrival is None else arrival)
-                while len(self._timers) > MAX_TRACKED:
-                    self._timers.popitem(last=False)
+            self._timer(request_id, time.monotonic() if arrival is None else arrival)
+
+    def _timer(self, request_id: str, arrival: float) -> _Timer:
+        """The request's timer, started at ``arrival`` if new (caller holds the lock)."""
+        timer = self._timers.get(request_id)
+        if timer is None:
+            timer = self._timers[request_id] = _Timer(arrival)
+            while len(self._timers) > MAX_TRACKED:
+                self._timers.popitem(last=False)
+        return timer
 
     def running(self, requests: Iterable[tuple[str, float, float]]) -> None:
         """``(request_id, arrival, admitted)`` of each request in an engine step: starts timing
@@ -200,11 +206,7 @@ class RequestTimers:
         waits = []
         with self._lock:
             for request_id, arrival, admitted in requests:
-                timer = self._timers.get(request_id)
-                if timer is None:
-                    timer = self._timers[request_id] = _Timer(arrival)
-                    while len(self._timers) > MAX_TRACKED:
-                        self._timers.popitem(last=False)
+                timer = self._timer(request_id, arrival)
                 if admitted and not timer.queued:
                     timer.queued = True
                     waits.append(max(0.0, admitted - timer.arrival))

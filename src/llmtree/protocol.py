@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -130,7 +130,18 @@ class SamplingParams:
         )
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a plain dict, built by hand: ``dataclasses.asdict`` copies deeply, and
+        with it ``GenerateRequest.pack``, paid at every hop, took 22 us instead of 3."""
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": list(self.stop),
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos,
+        }
 
 
 @dataclass(slots=True)
@@ -236,7 +247,7 @@ class GenerateRequest:
 
         For the same reason as ``pack_events``: serpent encodes a dict in Python and decodes it
         with ``ast.literal_eval`` (about 190 us for a short chat request), a string costs it
-        next to nothing, and ``json`` (in C) does the rest in under 20 us. Every hop down the
+        next to nothing, and orjson (``_dumps``) does the rest in a few us. Every hop down the
         tree pays this once.
         """
         return _dumps(self.to_wire())

@@ -5,7 +5,8 @@ worker threads, so all state sits behind one lock and no lock is held across a n
 
 Roles: the root only forwards, and what becomes of a request once placed (events to the sink,
 cancel, failover) is its ``relay.RootRelay``. A worker serves with its engine while it has a free
-slot, else forwards round robin to its children (``children.Children``), else queues.
+slot, else forwards round robin to its children (``children.Children``), else queues; what it
+serves is booked in ``serving.Serving``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from llmtree.tree.outbox import Outbox
 from llmtree.tree.ports import Directory, EngineLike
 from llmtree.tree.relay import RootRelay
 from llmtree.tree.routing import Snapshot, plan
+from llmtree.tree.serving import Serving
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,7 @@ class TreeNode:
         self._lock = threading.Lock()
         self._children = Children(directory, settings.node_ttl_s)
         self._next_child = 0
-        self._reserved = 0
-        self._served = 0
-        self._serving: dict[str, str] = {}
+        self._serving = Serving(engine)
         self._relay: RootRelay | None = None
         self._flights: FlightTable | None = None
         if engine is None:
@@ -143,7 +143,7 @@ class TreeNode:
             children = tuple(self._children.names())
             if draining := self._loads.draining(children):
                 children = tuple(c for c in children if c not in draining)
-            running, waiting = self._occupancy()
+            running, waiting = self._serving.occupancy()
             snapshot = Snapshot(
                 is_root=engine is None,
                 num_running=running,
@@ -160,7 +160,7 @@ class TreeNode:
             )
             decision = plan(snapshot)
             if decision.serve:
-                self._reserved += 1
+                self._serving.reserved += 1
             elif decision.forward_to:
                 self._next_child = (self._next_child + 1) % len(decision.forward_to)
                 if decision.credits:
@@ -187,58 +187,22 @@ class TreeNode:
         raise Overloaded(f"no capacity left in {where}; retry later")
 
     def _serve(self, req: GenerateRequest, reserved: bool) -> str:
-        """Hands ``req`` to the engine. Its place moves from ``_reserved`` to ``_serving`` in one
-        step, so ``_held`` counts it once all along (it used to stay reserved until the engine
-        returned: a burst of 20 on a 24-slot worker then counted some twice and sent one on to
-        a child while slots were free)."""
+        """Hands ``req`` to the engine (see ``Serving.admit``)."""
         assert self._engine is not None
         with self._lock:
-            if reserved:
-                self._reserved -= 1
-            if req.request_id in self._serving:
-                raise InvalidRequest(
-                    f"request {req.request_id!r} is already running here", param="request_id"
-                )
-            self._serving[req.request_id] = req.root
+            self._serving.admit(req.request_id, req.root, reserved)
         try:
             self._engine.submit(req)
         except BaseException:
             with self._lock:
-                self._serving.pop(req.request_id, None)
+                self._serving.forget(req.request_id)
             raise
         return self._name
 
-    def _held(self) -> int:
-        """Requests this node serves or is about to (caller holds the lock)."""
-        return len(self._serving) + self._reserved
-
-    def _occupancy(self) -> tuple[int, int]:
-        """(running, waiting) here, for placement and load reports (caller holds the lock).
-
-        The engine's own counts, or what this node holds if that is more: a request being
-        handed to the engine is in ``_held`` and maybe already in the engine's queue, so the
-        two are never added. The engine's counts also cover slots it fills itself (the tree
-        bench's always-busy forwarder, whose requests never pass through ``_serve``)."""
-        engine = self._engine
-        if engine is None:
-            return 0, 0
-        running = engine.num_running
-        total = max(self._held(), running + engine.num_waiting)
-        return running, total - running
-
     def on_engine_events(self, events: list[dict[str, Any]]) -> None:
         """Engine callback, once per step on the engine thread: route events to their roots."""
-        by_root: dict[str, list[dict[str, Any]]] = {}
         with self._lock:
-            for event in events:
-                rid = event["request_id"]
-                root = self._serving.get(rid)
-                if root is None:
-                    continue
-                if event.get("finish_reason") is not None:
-                    del self._serving[rid]
-                    self._served += 1
-                by_root.setdefault(root, []).append(event)
+            by_root = self._serving.route(events)
         for root, batch in by_root.items():
             self._outbox.put(root, batch)
 
@@ -270,7 +234,8 @@ class TreeNode:
         if not isinstance(request_ids, list):
             raise InvalidRequest("request_ids must be a list", param="request_ids")
         with self._lock:
-            return [rid for rid in request_ids[:MAX_EVENTS_PER_CALL] if rid in self._serving]
+            held = self._serving.roots
+            return [rid for rid in request_ids[:MAX_EVENTS_PER_CALL] if rid in held]
 
     # -- the tree's shape -------------------------------------------------------------------
     @Pyro5.api.expose
@@ -333,7 +298,7 @@ class TreeNode:
     def refresh_children(self, names: list[str]) -> None:
         """Heartbeat: the directory's view of this node's children."""
         with self._lock:
-            keep = set(self._serving.values())
+            keep = set(self._serving.roots.values())
         self._children.refresh(names, keep)
 
     # -- elasticity -------------------------------------------------------------------------
@@ -345,7 +310,7 @@ class TreeNode:
         with self._lock:
             started = not self._draining
             self._draining = True
-            held = len(self._serving)
+            held = len(self._serving.roots)
         if started:
             logger.warning("draining: no new requests; %d held ones finish first", held)
             if self.on_drain is not None:
@@ -359,7 +324,7 @@ class TreeNode:
     def held(self) -> int:
         """Requests this node serves now (running or queued, or being admitted)."""
         with self._lock:
-            return self._held()
+            return self._serving.held()
 
     def children_now(self) -> list[str]:
         return self._children.names()
@@ -370,7 +335,10 @@ class TreeNode:
             engine = self._engine
             capacity = (engine.slots + self._settings.max_queue) if engine else 0
             return self._loads.subtree(
-                tuple(self._children.names()), sum(self._occupancy()), capacity, self._draining
+                tuple(self._children.names()),
+                sum(self._serving.occupancy()),
+                capacity,
+                self._draining,
             )
 
     # -- introspection ----------------------------------------------------------------------
@@ -391,10 +359,10 @@ class TreeNode:
                 "slots": engine.slots if engine else 0,
                 "running": engine.num_running if engine else 0,
                 "queued": engine.num_waiting if engine else 0,
-                "served": self._served,
+                "served": self._serving.finished,
                 "in_flight": len(self._flights)
                 if self._flights is not None
-                else len(self._serving),
+                else len(self._serving.roots),
                 "failovers": self._flights.failovers if self._flights is not None else 0,
                 "model": engine.model_name if engine else "",
                 "uptime_s": round(time.monotonic() - self._started, 1),

@@ -6,9 +6,10 @@ cost, so one run of (a) and one of (b) minutes apart cannot tell that cost. Here
 stay loaded, and each round runs, one at a time: (a), (a) beside ``cpu_load.py``, then (b) (the
 reverse in even rounds). The stand-in load burns what (b)'s root, gateway and load generator
 used in the (b) level before it (a first, unpaired one for round 1): their CPU seconds per
-second, in one burst per engine step (that level's ITL p50). If (a) loses beside it about what (b) loses, the stack costs the engine
-the CPU its other processes take from the shared cores, and nothing else. The page judges on
-the median of the rounds' losses, which one round caught in a swing of the host cannot move.
+second, in one burst per engine step (that level's ITL p50). If (a) loses beside it about what
+(b) loses, the stack costs the engine the CPU its other processes take from the shared cores,
+and nothing else. The page judges on the median of the rounds' losses, which one round caught
+in a swing of the host cannot move.
 """
 
 from __future__ import annotations

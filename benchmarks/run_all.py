@@ -5,12 +5,12 @@ Cases, run one after another (never two at once, so each has the machine to itse
 (b) the full stack (``llmtree up --workers 1``), (e) paired rounds at c=32 of (a), (a) beside a
 stand-in load with the CPU that (b)'s root, gateway and load generator use (``cpu_load.py``)
 and (b), all three in each round so that the machine's drift falls on each alike, (c) the
-naive one-at-a-time ``generate()`` server, (d) static ``generate()`` batches, and ``tree``: the same load through 1, 2 and 3 levels
-of forwarding above the serving worker. Everything listens on free loopback ports, lives in a
-temporary directory (its own slapd, var dir and logs) and shares the model cache
-``var/models``; each process is stopped by its pid when its case ends.
+naive one-at-a-time ``generate()`` server, (d) static ``generate()`` batches, and ``tree``: the
+same load through 1, 2 and 3 levels of forwarding above the serving worker. Everything listens
+on free loopback ports, lives in a temporary directory (its own slapd, var dir and logs) and
+shares the model cache ``var/models``; each process is stopped by its pid when its case ends.
 
-    python benchmarks/run_all.py                       # the full run (about half an hour)
+    python benchmarks/run_all.py                       # the full run (about twenty minutes)
     python benchmarks/run_all.py --quick               # smoke test: c=1,2, 16 tokens
     python benchmarks/run_all.py --cases b,c --concurrency 1,8
 """
@@ -215,8 +215,8 @@ def case_b(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[Le
 
 def case_e(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[LevelSummary]:
     """Paired rounds (``paired_case.py``) at the judged level: c=32, else the highest."""
-    concurrency = max(int(c) for c in args.concurrency.split(","))
-    concurrency = 32 if "32" in args.concurrency.split(",") else concurrency
+    measured = [int(c) for c in args.concurrency.split(",")]
+    concurrency = 32 if 32 in measured else max(measured)
     todo = levels(args, str(concurrency), args.output_tokens, args.requests or 2 * concurrency)
     alone = script_args(args) + ["--requests", str(len(todo[0].requests)), "--levels-on-stdin"]
     alone[alone.index("--concurrency") + 1] = str(concurrency)

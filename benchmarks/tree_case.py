@@ -88,6 +88,7 @@ class Chain:
             summary = drive(url, todo, self.procs[-2].pid, f"(tree {self.depth})")[0]
             placement = self._placement(num_probes)
             summary.extra["placement_ms"] = asdict(placement)
+            summary.extra["placement_warmup"] = WARMUP_PROBES
             return summary
         finally:
             for proc in reversed(self.procs):

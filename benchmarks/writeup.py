@@ -362,8 +362,8 @@ def _tree(report: Report) -> list[str]:
         "placement (`root.submit` walking down the chain) can add to TTFT. It is timed on its "
         "own too: `root.submit` called directly over Pyro5 with one-token requests, one at a "
         "time, until the serving node's name comes back "
-        f"({_probe_count(report.tree)} timed per depth, after 10 untimed ones that open each "
-        "hop's connection). Its p50 is what the target is judged "
+        f"({_probe_count(report.tree)} timed per depth, after {_warmup_count(report.tree)} "
+        "untimed ones that open each hop's connection). Its p50 is what the target is judged "
         "on; the TTFT through the gateway also holds the model's prefill, whose run-to-run "
         "noise on a shared CPU is far larger than a hop.",
         "",
@@ -398,3 +398,8 @@ def _failures(report: Report) -> list[str]:
 def _probe_count(tree: list[tuple[int, LevelSummary]]) -> str:
     counts = {int((s.extra.get("placement_ms") or {}).get("count") or 0) for _, s in tree}
     return " or ".join(str(c) for c in sorted(counts)) or "no probes"
+
+
+def _warmup_count(tree: list[tuple[int, LevelSummary]]) -> str:
+    counts = {int(s.extra.get("placement_warmup") or 0) for _, s in tree}
+    return " or ".join(str(c) for c in sorted(counts)) or "no"

@@ -53,6 +53,10 @@ def level(
     return summary
 
 
+def probes(p50: float) -> dict[str, float]:
+    return {"count": 200, "p50": p50, "p90": 9.0}
+
+
 def report() -> Report:
     result = Report("make bench", "today", MACHINE, "bfloat16", SETTINGS)
     result.cases = {
@@ -67,7 +71,7 @@ def report() -> Report:
         "e": paired(1, 1000, 950, 900) + paired(2, 800, 720, 760) + paired(3, 500, 250, 500),
     }
     result.tree = [
-        (depth, level(1, 70, 100 + depth, placement_ms={"p50": 3.0 + depth, "p90": 9.0}))
+        (depth, level(1, 70, 100 + depth, placement_ms=probes(3.0 + depth), placement_warmup=10))
         for depth in (1, 2, 3)
     ]
     result.failures = {"(x) broken": "RuntimeError: it died:\nTraceback\nValueError: why"}
@@ -111,6 +115,7 @@ def test_render_has_every_section() -> None:
     assert "| 2 | 800.0 | 720.0 | 760.0 | 10.0 % | 5.0 % | 5.0 % | 4.0 % |" in page
     assert "| mean | | | | 21.7 % | 5.0 % | | |" in page
     assert "| median | | | | 10.0 % | 5.0 % | | |" in page
+    assert "(200 timed per depth, after 10 untimed ones" in page
 
 
 def test_render_of_nothing_says_not_measured() -> None:
